@@ -1,0 +1,24 @@
+"""StyleAligned shared attention for Stable Diffusion, as composable Refiners adapters."""
+
+from style_aligned.adain import AdaIN
+from style_aligned.adapter import StyleAlignedAdapter
+from style_aligned.attention import JointScaledDotProductAttention, ShiftedScaledDotProductAttention
+from style_aligned.group_norm import SharedGroupNormAdapter
+from style_aligned.references import AppendReferences, CheckBatchLayout, GetReferences, ScaleReferences
+from style_aligned.shared_attention import SharedAttentionAdapter
+from style_aligned.unet_layers import SelfAttentionLayer, self_attention_layers
+
+__all__ = [
+    "AdaIN",
+    "AppendReferences",
+    "CheckBatchLayout",
+    "GetReferences",
+    "JointScaledDotProductAttention",
+    "ScaleReferences",
+    "SelfAttentionLayer",
+    "SharedAttentionAdapter",
+    "SharedGroupNormAdapter",
+    "ShiftedScaledDotProductAttention",
+    "StyleAlignedAdapter",
+    "self_attention_layers",
+]
