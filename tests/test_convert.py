@@ -1,0 +1,291 @@
+"""Conversion of random-weight diffusers folders (full-size configurations) to Refiners, and loading them."""
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import diffusers_models as dm
+import models
+import pytest
+import torch
+from refiners.foundationals.latent_diffusion import SD1ControlnetAdapter, SD1UNet, StableDiffusion_1
+
+from style_aligned.architectures import ARCHITECTURES
+from style_aligned.cli import main as cli
+from style_aligned.convert import ModelSource, convert
+from style_aligned.loading import load_model, load_pipeline, model_kind
+from style_aligned.safetensors_io import SafetensorsReader, WeightsError, write_safetensors
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float = 1e-4) -> None:
+    """Max abs diff within `tolerance`, relative to the output's scale where that is larger than 1."""
+    scale = max(1.0, expected.abs().max().item())
+    assert (actual - expected).abs().max().item() <= tolerance * scale
+
+
+@pytest.fixture(scope="module")
+def sd1_source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A random SD1 pipeline and ControlNet in the diffusers layout, with the diffusers models' outputs."""
+    models.release()
+    root = tmp_path_factory.mktemp("sd1-diffusers")
+    pipeline, controlnet_folder = root / "pipeline", root / "controlnet"
+    dm.write_model_index(pipeline, "sd1")
+    generator = torch.Generator().manual_seed(0)
+    inputs = {
+        "x": torch.randn(2, 4, 16, 16, generator=generator),
+        "timestep": torch.tensor([400]),
+        "embedding": torch.randn(2, 77, 768, generator=generator),
+        "tokens": torch.randint(0, 49408, (2, 77), generator=generator),
+        "image": torch.randn(1, 3, 64, 64, generator=generator),
+        "latents": torch.randn(1, 4, 8, 8, generator=generator),
+        "condition": torch.rand(2, 3, 128, 128, generator=generator),
+    }
+    outputs: dict[str, Any] = {}
+    with torch.no_grad():
+        unet = dm.unet("sd1")
+        outputs["unet"] = unet(inputs["x"], inputs["timestep"], inputs["embedding"]).sample
+        dm.save(unet, pipeline / "unet")
+        text_encoder = dm.text_encoder("text_encoder", "sd1")
+        outputs["text_encoder"] = text_encoder(inputs["tokens"]).last_hidden_state
+        dm.save(text_encoder, pipeline / "text_encoder")
+        vae = dm.vae()
+        outputs["encoded"] = vae.encode(inputs["image"]).latent_dist.mean
+        outputs["decoded"] = vae.decode(inputs["latents"]).sample
+        dm.save(vae, pipeline / "vae")
+        controlnet = dm.controlnet()
+        down, mid = controlnet(
+            inputs["x"], inputs["timestep"], inputs["embedding"], inputs["condition"], return_dict=False
+        )
+        outputs["controlnet"] = [*down, mid]
+        dm.save(controlnet, controlnet_folder)
+    yield {"root": root, "pipeline": pipeline, "controlnet": controlnet_folder, "inputs": inputs, "outputs": outputs}
+    shutil.rmtree(root)
+
+
+def test_sd1_pipeline_converts_by_command_and_matches_diffusers(sd1_source: dict[str, Any], tmp_path: Path) -> None:
+    destination = tmp_path / "converted"
+    cli(["convert", "--from", str(sd1_source["pipeline"]), "--to", str(destination)])
+    files = sorted(p.name for p in destination.iterdir())
+    assert files == ["autoencoder.safetensors", "text_encoder.safetensors", "unet.safetensors"]
+    with SafetensorsReader(destination / "unet.safetensors") as reader:
+        assert reader.metadata["model"] == "sd1_unet" and reader.metadata["dtype"] == "float32"
+        assert reader.metadata["source"] == str(sd1_source["pipeline"].resolve())
+
+    sd = load_pipeline(destination)
+    assert isinstance(sd, StableDiffusion_1)
+    inputs, outputs = sd1_source["inputs"], sd1_source["outputs"]
+    with torch.no_grad():
+        sd.unet.set_timestep(inputs["timestep"])
+        sd.unet.set_clip_text_embedding(inputs["embedding"])
+        assert_close(sd.unet(inputs["x"]), outputs["unet"])
+        assert_close(sd.clip_text_encoder[1:](inputs["tokens"]), outputs["text_encoder"])
+        assert_close(sd.lda[0](inputs["image"]), outputs["encoded"])
+        assert_close(sd.lda[1](inputs["latents"]), outputs["decoded"])
+
+
+def test_pipeline_loads_straight_from_diffusers_and_from_cache(sd1_source: dict[str, Any], tmp_path: Path) -> None:
+    inputs, outputs = sd1_source["inputs"], sd1_source["outputs"]
+    for round in range(3):
+        cache = tmp_path / "cache" if round else None
+        sd = load_pipeline(sd1_source["pipeline"], cache_dir=cache)
+        with torch.no_grad():
+            sd.unet.set_timestep(inputs["timestep"])
+            sd.unet.set_clip_text_embedding(inputs["embedding"])
+            assert_close(sd.unet(inputs["x"]), outputs["unet"])
+        if round == 1:
+            (cached,) = (tmp_path / "cache").iterdir()
+            stamp = (cached / "unet.safetensors").stat().st_mtime_ns
+    assert (cached / "unet.safetensors").stat().st_mtime_ns == stamp  # the third load reused the cache
+
+
+def controlnet_residuals(controlnet_file: Path, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    with torch.device("meta"):
+        unet = SD1UNet(in_channels=4)
+    adapter = SD1ControlnetAdapter(unet, name="depth")
+    adapter.controlnet.load_state_dict(load_model(controlnet_file, kind="sd1_controlnet").state_dict(), assign=True)
+    adapter.inject()
+    adapter.set_controlnet_condition(inputs["condition"])
+    unet.set_timestep(inputs["timestep"])
+    unet.set_clip_text_embedding(inputs["embedding"])
+    with torch.no_grad():
+        adapter.controlnet(inputs["x"])
+    return list(unet.use_context("unet")["residuals"])
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_sd1_controlnet_converts_and_matches_diffusers(sd1_source: dict[str, Any], tmp_path: Path, half: bool) -> None:
+    (file,) = convert(sd1_source["controlnet"], tmp_path, half=half)
+    assert file.name == "controlnet.safetensors"
+    with SafetensorsReader(file) as reader:
+        assert reader.metadata["dtype"] == ("float16" if half else "float32")
+        assert {reader.tensors[key].dtype for key in reader.keys()} == {torch.float16 if half else torch.float32}
+    residuals = controlnet_residuals(file, sd1_source["inputs"])
+    expected = sd1_source["outputs"]["controlnet"]
+    assert len(residuals) == len(expected) == 13
+    for actual, reference in zip(residuals, expected, strict=True):
+        assert_close(actual, reference, tolerance=1e-2 if half else 1e-4)
+
+
+def link_pipeline(source: Path, destination: Path, kind: str, folders: dict[str, Path]) -> Path:
+    dm.write_model_index(destination, kind)
+    for name, folder in folders.items():
+        (destination / name).symlink_to(folder, target_is_directory=True)
+    return destination
+
+
+def copy_folder(source: Path, destination: Path) -> Path:
+    shutil.copytree(source, destination)
+    return destination
+
+
+def refused(source: Path, destination: Path, *patterns: str) -> str:
+    """Convert, expecting an error whose message holds every pattern, and check that nothing was written."""
+    with pytest.raises(WeightsError) as error:
+        convert(source, destination)
+    message = str(error.value)
+    for pattern in patterns:
+        assert pattern in message, message
+    assert not destination.exists()
+    return message
+
+
+def test_missing_subfolder_is_refused(sd1_source: dict[str, Any], tmp_path: Path) -> None:
+    pipeline = sd1_source["pipeline"]
+    source = link_pipeline(
+        pipeline, tmp_path / "src", "sd1", {"unet": pipeline / "unet", "text_encoder": pipeline / "text_encoder"}
+    )
+    refused(source, tmp_path / "out", "vae", "is missing", "SD1 autoencoder")
+
+
+def test_truncated_and_corrupt_files_are_refused(sd1_source: dict[str, Any], tmp_path: Path) -> None:
+    pipeline = sd1_source["pipeline"]
+    for damage, pattern in (("truncate", "is truncated"), ("corrupt", "not a valid safetensors file")):
+        vae = copy_folder(pipeline / "vae", tmp_path / f"vae-{damage}")
+        weights = vae / "diffusion_pytorch_model.safetensors"
+        with open(weights, "r+b") as file:
+            if damage == "truncate":
+                file.truncate(weights.stat().st_size - 4096)
+            else:
+                file.seek(8)
+                file.write(b"\x00garbage{")
+        source = link_pipeline(
+            pipeline,
+            tmp_path / f"src-{damage}",
+            "sd1",
+            {"unet": pipeline / "unet", "text_encoder": pipeline / "text_encoder", "vae": vae},
+        )
+        refused(source, tmp_path / f"out-{damage}", pattern, "vae/diffusion_pytorch_model.safetensors")
+
+
+def test_wrong_model_is_refused(sd1_source: dict[str, Any], tmp_path: Path) -> None:
+    pipeline = sd1_source["pipeline"]
+    # An SD1 U-Net in an SDXL pipeline: its config says so.
+    source = link_pipeline(pipeline, tmp_path / "sdxl", "sdxl", {"unet": pipeline / "unet"})
+    refused(
+        source, tmp_path / "out", "does not describe the SDXL U-Net", "cross_attention_dim", "looks like the SD1 U-Net"
+    )
+    # The same weights under an SDXL config: the keys and shapes say so.
+    unet = tmp_path / "unet"
+    unet.mkdir()
+    (unet / "config.json").write_text(
+        json.dumps({"_class_name": "UNet2DConditionModel", **dm.CONFIGS["sdxl_unet"]["unet"]})
+    )
+    (unet / "diffusion_pytorch_model.safetensors").symlink_to(pipeline / "unet" / "diffusion_pytorch_model.safetensors")
+    refused(unet, tmp_path / "out2", "do not hold the weights of the SDXL U-Net", "missing keys", "unexpected keys")
+
+
+def rewrite(source: Path, destination: Path, edit: dict[str, torch.Tensor | None]) -> None:
+    """Copy a safetensors file, adding (a tensor) or removing (None) some keys."""
+    with SafetensorsReader(source) as reader:
+        tensors = {key: reader.read(key) for key in reader.keys() if key not in edit}
+    tensors |= {key: tensor for key, tensor in edit.items() if tensor is not None}
+    entries = [(key, tensor.dtype, tuple(tensor.shape)) for key, tensor in tensors.items()]
+    write_safetensors(destination, entries, tensors.__getitem__)
+
+
+def test_extra_and_missing_keys_are_refused(sd1_source: dict[str, Any], tmp_path: Path) -> None:
+    vae = sd1_source["pipeline"] / "vae"
+    weights = vae / "diffusion_pytorch_model.safetensors"
+    for label, edit in (
+        ("unexpected keys (1): decoder.extra.weight", {"decoder.extra.weight": torch.zeros(3)}),
+        ("missing keys (1): decoder.conv_out.bias", {"decoder.conv_out.bias": None}),
+    ):
+        folder = tmp_path / label.split()[0]
+        folder.mkdir()
+        shutil.copy(vae / "config.json", folder / "config.json")
+        rewrite(weights, folder / "diffusion_pytorch_model.safetensors", edit)
+        with pytest.raises(WeightsError, match=label.replace("(", r"\(").replace(")", r"\)")):
+            ModelSource(ARCHITECTURES["sd1_autoencoder"], {"vae": folder})
+        source = link_pipeline(
+            sd1_source["pipeline"],
+            tmp_path / f"src-{folder.name}",
+            "sd1",
+            {
+                "unet": sd1_source["pipeline"] / "unet",
+                "text_encoder": sd1_source["pipeline"] / "text_encoder",
+                "vae": folder,
+            },
+        )
+        refused(source, tmp_path / f"out-{folder.name}", label)
+
+
+def test_pickle_weights_are_refused_with_a_way_out(sd1_source: dict[str, Any], tmp_path: Path) -> None:
+    controlnet = tmp_path / "controlnet"
+    controlnet.mkdir()
+    shutil.copy(sd1_source["controlnet"] / "config.json", controlnet / "config.json")
+    (controlnet / "diffusion_pytorch_model.bin").write_bytes(b"PK\x03\x04 a torch.save zip archive")
+    message = refused(controlnet, tmp_path / "out", "pickle checkpoint", "never loads", "safetensors.torch")
+    assert "weights_only=True" in message
+    # A pickle file named .safetensors is recognised too, and never unpickled.
+    (controlnet / "diffusion_pytorch_model.bin").rename(controlnet / "diffusion_pytorch_model.safetensors")
+    refused(controlnet, tmp_path / "out", "pickle checkpoint")
+
+
+def test_existing_files_are_kept_and_failures_leave_nothing(
+    sd1_source: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    destination = tmp_path / "out"
+    destination.mkdir()
+    (destination / "controlnet.safetensors").write_text("mine")
+    with pytest.raises(WeightsError, match="already exist"):
+        convert(sd1_source["controlnet"], destination)
+    assert (destination / "controlnet.safetensors").read_text() == "mine"
+
+    calls = 0
+    original = ModelSource.read
+
+    def failing_read(self: ModelSource, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 50:
+            raise KeyboardInterrupt  # as if interrupted in the middle of the file
+        return original(self, key, dtype)
+
+    monkeypatch.setattr(ModelSource, "read", failing_read)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(KeyboardInterrupt):
+        convert(sd1_source["pipeline"], fresh)
+    assert not fresh.exists()
+    calls = 0
+    with pytest.raises(KeyboardInterrupt):
+        convert(sd1_source["controlnet"], destination, overwrite=True)
+    assert [p.name for p in destination.iterdir()] == ["controlnet.safetensors"]
+    assert (destination / "controlnet.safetensors").read_text() == "mine"
+
+
+def test_cli_reports_errors_without_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["convert", "--from", str(tmp_path / "nowhere"), "--to", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_loading_a_file_of_another_kind_is_refused(sd1_source: dict[str, Any], tmp_path: Path) -> None:
+    (file,) = convert(sd1_source["controlnet"], tmp_path)
+    assert model_kind(file) == "sd1_controlnet"
+    with pytest.raises(WeightsError, match="holds the weights of the SD1 ControlNet, not of the SD1 U-Net"):
+        load_model(file, kind="sd1_unet")
+    with pytest.raises(WeightsError, match="neither converted weights"):
+        load_pipeline(tmp_path)
