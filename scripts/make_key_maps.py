@@ -24,6 +24,7 @@ from refiners.foundationals.latent_diffusion.stable_diffusion_xl.text_encoder im
 from torch import nn
 
 from style_aligned.architectures import ARCHITECTURES
+from style_aligned.convert import canonical_key
 from style_aligned.key_maps import KEY_MAPS_DIR
 
 META = torch.device("meta")
@@ -76,7 +77,7 @@ def unet_map(kind: str) -> tuple[dict[str, str], nn.Module]:
 
 
 def clip_text_parameters(
-    config: dict[str, Any], encoder: CLIPTextEncoder, projection: fl.Linear | None
+    config_name: str, config: dict[str, Any], encoder: CLIPTextEncoder, projection: fl.Linear | None
 ) -> dict[str, nn.Parameter]:
     """Trace transformers' CLIP text model against a Refiners encoder (without its tokenizer) and projection.
 
@@ -90,7 +91,8 @@ def clip_text_parameters(
     traced = fl.Chain(encoder[1:], projection) if projection else encoder[1:]  # shares the encoder's parameters
     tokens = torch.zeros(1, 77, dtype=torch.long, device=META)
     parameters = dict(traced.named_parameters(remove_duplicate=False))
-    return {source_key: parameters[key] for source_key, key in trace(source, traced, (tokens,), (tokens,)).items()}
+    keys = trace(source, traced, (tokens,), (tokens,))
+    return {canonical_key(config_name, source_key): parameters[key] for source_key, key in keys.items()}
 
 
 def keys_in(model: nn.Module, parameters: dict[str, nn.Parameter]) -> dict[str, str]:
@@ -103,14 +105,15 @@ def text_encoder_maps() -> dict[str, tuple[dict[str, str], nn.Module]]:
     sd1_configs = ARCHITECTURES["sd1_text_encoder"].configs
     with META:
         encoder = CLIPTextEncoderL()
-    sd1_keys = keys_in(encoder, clip_text_parameters(sd1_configs["text_encoder"], encoder, projection=None))
+    sd1_parameters = clip_text_parameters("text_encoder", sd1_configs["text_encoder"], encoder, projection=None)
+    sd1_keys = keys_in(encoder, sd1_parameters)
 
     sdxl_configs = ARCHITECTURES["sdxl_text_encoder"].configs
     with META:
         encoder_l, encoder_g = CLIPTextEncoderL(), CLIPTextEncoderG()
         projection = fl.Linear(1280, 1280, bias=False)
-    parameters_l = clip_text_parameters(sdxl_configs["text_encoder"], encoder_l, None)
-    parameters_g = clip_text_parameters(sdxl_configs["text_encoder_2"], encoder_g, projection)
+    parameters_l = clip_text_parameters("text_encoder", sdxl_configs["text_encoder"], encoder_l, None)
+    parameters_g = clip_text_parameters("text_encoder_2", sdxl_configs["text_encoder_2"], encoder_g, projection)
     with META:
         double = DoubleTextEncoder(text_encoder_l=encoder_l, text_encoder_g=encoder_g, projection=projection)
     sdxl_keys = {f"text_encoder/{k}": v for k, v in keys_in(double, parameters_l).items()}
@@ -191,6 +194,12 @@ def all_maps() -> dict[str, dict[str, Any]]:
     return maps
 
 
+def dump(key_map: dict[str, Any]) -> str:
+    """JSON with one key per line, for readable diffs."""
+    entries = ",\n".join(f"  {json.dumps(source)}: {json.dumps(target)}" for source, target in key_map["keys"].items())
+    return f'{{"keys": {{\n{entries}\n}},\n"unused": {json.dumps(key_map["unused"])}}}\n'
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare with the shipped maps instead of writing")
@@ -198,7 +207,7 @@ def main() -> None:
     differing: list[str] = []
     for name, key_map in all_maps().items():
         path = KEY_MAPS_DIR / f"{name}.json"
-        text = json.dumps(key_map, indent=1) + "\n"
+        text = dump(key_map)
         if args.check:
             if not path.exists() or path.read_text() != text:
                 differing.append(name)

@@ -28,6 +28,17 @@ _WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
 _IGNORED_SUFFIXES = ("position_ids",)  # buffers that older transformers checkpoints stored
 
 
+def canonical_key(config_name: str, key: str) -> str:
+    """A source key as published checkpoints write it.
+
+    transformers 5 saves `CLIPTextModel` weights without their `text_model.` prefix; the text encoders of published
+    SD1 and SDXL checkpoints have it. Both spellings are accepted.
+    """
+    if config_name.startswith("text_encoder") and not key.startswith(("text_model.", "text_projection.")):
+        return f"text_model.{key}"
+    return key
+
+
 def weight_files(folder: Path) -> list[Path]:
     """Find the safetensors weights of a diffusers or transformers model folder (single, variant or sharded).
 
@@ -128,7 +139,9 @@ class ModelSource:
                 for path in weight_files(folder):
                     reader = SafetensorsReader(path)
                     self._readers.append(reader)
-                    self._sources.update({prefix + key: (reader, key) for key in reader.keys()})
+                    self._sources.update(
+                        {prefix + canonical_key(config_name, key): (reader, key) for key in reader.keys()}
+                    )
             self._check_keys()
         except BaseException:
             self.close()

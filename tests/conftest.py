@@ -1,4 +1,54 @@
+"""Shared fixtures: models are built once per session and deleted at its end (see `models.py`)."""
+
+import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+import diffusers_models as dm  # noqa: E402
+import models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sd1_source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A random SD1 pipeline and ControlNet in the diffusers layout, with the diffusers models' outputs."""
+    models.release()
+    root = tmp_path_factory.mktemp("sd1-diffusers")
+    pipeline, controlnet_folder = root / "pipeline", root / "controlnet"
+    dm.write_model_index(pipeline, "sd1")
+    generator = torch.Generator().manual_seed(0)
+    inputs = {
+        "x": torch.randn(2, 4, 16, 16, generator=generator),
+        "timestep": torch.tensor([400]),
+        "embedding": torch.randn(2, 77, 768, generator=generator),
+        "tokens": torch.randint(0, 49408, (2, 77), generator=generator),
+        "image": torch.randn(1, 3, 64, 64, generator=generator),
+        "latents": torch.randn(1, 4, 8, 8, generator=generator),
+        "condition": torch.rand(2, 3, 128, 128, generator=generator),
+    }
+    outputs: dict[str, Any] = {}
+    with torch.no_grad():
+        unet = dm.unet("sd1")
+        outputs["unet"] = unet(inputs["x"], inputs["timestep"], inputs["embedding"]).sample
+        dm.save(unet, pipeline / "unet")
+        text_encoder = dm.text_encoder("text_encoder", "sd1")
+        outputs["text_encoder"] = text_encoder(inputs["tokens"]).last_hidden_state
+        dm.save(text_encoder, pipeline / "text_encoder")
+        vae = dm.vae()
+        outputs["encoded"] = vae.encode(inputs["image"]).latent_dist.mean
+        outputs["decoded"] = vae.decode(inputs["latents"]).sample
+        dm.save(vae, pipeline / "vae")
+        controlnet = dm.controlnet()
+        down, mid = controlnet(
+            inputs["x"], inputs["timestep"], inputs["embedding"], inputs["condition"], return_dict=False
+        )
+        outputs["controlnet"] = [*down, mid]
+        dm.save(controlnet, controlnet_folder)
+    yield {"root": root, "pipeline": pipeline, "controlnet": controlnet_folder, "inputs": inputs, "outputs": outputs}
+    shutil.rmtree(root)

@@ -2,12 +2,10 @@
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import diffusers_models as dm
-import models
 import pytest
 import torch
 from refiners.foundationals.latent_diffusion import SD1ControlnetAdapter, SD1UNet, StableDiffusion_1
@@ -23,45 +21,6 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float 
     """Max abs diff within `tolerance`, relative to the output's scale where that is larger than 1."""
     scale = max(1.0, expected.abs().max().item())
     assert (actual - expected).abs().max().item() <= tolerance * scale
-
-
-@pytest.fixture(scope="module")
-def sd1_source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """A random SD1 pipeline and ControlNet in the diffusers layout, with the diffusers models' outputs."""
-    models.release()
-    root = tmp_path_factory.mktemp("sd1-diffusers")
-    pipeline, controlnet_folder = root / "pipeline", root / "controlnet"
-    dm.write_model_index(pipeline, "sd1")
-    generator = torch.Generator().manual_seed(0)
-    inputs = {
-        "x": torch.randn(2, 4, 16, 16, generator=generator),
-        "timestep": torch.tensor([400]),
-        "embedding": torch.randn(2, 77, 768, generator=generator),
-        "tokens": torch.randint(0, 49408, (2, 77), generator=generator),
-        "image": torch.randn(1, 3, 64, 64, generator=generator),
-        "latents": torch.randn(1, 4, 8, 8, generator=generator),
-        "condition": torch.rand(2, 3, 128, 128, generator=generator),
-    }
-    outputs: dict[str, Any] = {}
-    with torch.no_grad():
-        unet = dm.unet("sd1")
-        outputs["unet"] = unet(inputs["x"], inputs["timestep"], inputs["embedding"]).sample
-        dm.save(unet, pipeline / "unet")
-        text_encoder = dm.text_encoder("text_encoder", "sd1")
-        outputs["text_encoder"] = text_encoder(inputs["tokens"]).last_hidden_state
-        dm.save(text_encoder, pipeline / "text_encoder")
-        vae = dm.vae()
-        outputs["encoded"] = vae.encode(inputs["image"]).latent_dist.mean
-        outputs["decoded"] = vae.decode(inputs["latents"]).sample
-        dm.save(vae, pipeline / "vae")
-        controlnet = dm.controlnet()
-        down, mid = controlnet(
-            inputs["x"], inputs["timestep"], inputs["embedding"], inputs["condition"], return_dict=False
-        )
-        outputs["controlnet"] = [*down, mid]
-        dm.save(controlnet, controlnet_folder)
-    yield {"root": root, "pipeline": pipeline, "controlnet": controlnet_folder, "inputs": inputs, "outputs": outputs}
-    shutil.rmtree(root)
 
 
 def test_sd1_pipeline_converts_by_command_and_matches_diffusers(sd1_source: dict[str, Any], tmp_path: Path) -> None:
@@ -289,3 +248,30 @@ def test_loading_a_file_of_another_kind_is_refused(sd1_source: dict[str, Any], t
         load_model(file, kind="sd1_unet")
     with pytest.raises(WeightsError, match="neither converted weights"):
         load_pipeline(tmp_path)
+
+
+def test_text_encoder_keys_with_or_without_text_model_prefix(sd1_source: dict[str, Any], tmp_path: Path) -> None:
+    """Published checkpoints write `text_model.` before CLIP text keys; transformers 5 saves without it."""
+    pipeline = sd1_source["pipeline"]
+    text_encoder = tmp_path / "text_encoder"
+    text_encoder.mkdir()
+    shutil.copy(pipeline / "text_encoder" / "config.json", text_encoder / "config.json")
+    with SafetensorsReader(pipeline / "text_encoder" / "model.safetensors") as reader:
+        tensors = {
+            f"text_model.{key}".replace("text_model.text_model.", "text_model."): reader.read(key)
+            for key in reader.keys()
+        }
+    assert all(key.startswith("text_model.") for key in tensors)
+    entries = [(key, tensor.dtype, tuple(tensor.shape)) for key, tensor in tensors.items()]
+    write_safetensors(text_encoder / "model.safetensors", entries, tensors.__getitem__)
+    source = link_pipeline(
+        pipeline,
+        tmp_path / "src",
+        "sd1",
+        {"unet": pipeline / "unet", "text_encoder": text_encoder, "vae": pipeline / "vae"},
+    )
+    destination = tmp_path / "out"
+    convert(source, destination)
+    encoder = load_model(destination / "text_encoder.safetensors", kind="sd1_text_encoder")
+    with torch.no_grad():
+        assert_close(encoder[1:](sd1_source["inputs"]["tokens"]), sd1_source["outputs"]["text_encoder"])

@@ -1,0 +1,89 @@
+"""Conversion of a random-weight, full-size SDXL pipeline in the diffusers layout (sharded U-Net) to Refiners.
+
+Memory: the diffusers models are freed once saved; conversion streams; the converted pipeline is the only SDXL
+U-Net in memory when it runs.
+"""
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import diffusers_models as dm
+import models
+import pytest
+import torch
+from refiners.foundationals.clip.tokenizer import CLIPTokenizer
+from refiners.foundationals.latent_diffusion import StableDiffusion_XL
+from test_convert import assert_close
+
+from style_aligned.cli import main as cli
+from style_aligned.loading import load_pipeline
+
+PROMPTS = ["a toy train. macro photo. 3d game asset", "an owl in a snowy forest, watercolor"]
+
+
+@pytest.fixture(scope="module")
+def sdxl_source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    models.release()
+    root = tmp_path_factory.mktemp("sdxl-diffusers")
+    pipeline = root / "pipeline"
+    dm.write_model_index(pipeline, "sdxl")
+    generator = torch.Generator().manual_seed(1)
+    inputs = {
+        "x": torch.randn(2, 4, 8, 8, generator=generator),
+        "timestep": torch.tensor([600]),
+        "embedding": torch.randn(2, 77, 2048, generator=generator),
+        "text_embeds": torch.randn(2, 1280, generator=generator),
+        "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * 2),
+        "image": torch.randn(1, 3, 64, 64, generator=generator),
+        "latents": torch.randn(1, 4, 8, 8, generator=generator),
+    }
+    outputs: dict[str, Any] = {}
+    with torch.no_grad():
+        unet = dm.unet("sdxl")
+        added = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
+        outputs["unet"] = unet(inputs["x"], inputs["timestep"], inputs["embedding"], added_cond_kwargs=added).sample
+        dm.save(unet, pipeline / "unet")
+        del unet
+        tokens_l = CLIPTokenizer()(PROMPTS)
+        tokens_g = CLIPTokenizer(pad_token_id=0)(PROMPTS)
+        encoder_l = dm.text_encoder("text_encoder", "sdxl", seed=20)
+        hidden_l = encoder_l(tokens_l, output_hidden_states=True).hidden_states[-2]  # SDXL takes the penultimate
+        dm.save(encoder_l, pipeline / "text_encoder")
+        encoder_g = dm.text_encoder("text_encoder_2", "sdxl", seed=21)
+        result_g = encoder_g(tokens_g, output_hidden_states=True)
+        outputs["text"] = torch.cat([hidden_l, result_g.hidden_states[-2]], dim=-1)
+        outputs["pooled"] = result_g.text_embeds
+        dm.save(encoder_g, pipeline / "text_encoder_2")
+        vae = dm.vae(seed=22)
+        outputs["encoded"] = vae.encode(inputs["image"]).latent_dist.mean
+        outputs["decoded"] = vae.decode(inputs["latents"]).sample
+        dm.save(vae, pipeline / "vae")
+    yield {"root": root, "pipeline": pipeline, "inputs": inputs, "outputs": outputs}
+    shutil.rmtree(root)
+
+
+def test_sdxl_pipeline_converts_and_matches_diffusers(sdxl_source: dict[str, Any], tmp_path: Path) -> None:
+    pipeline = sdxl_source["pipeline"]
+    assert len(list((pipeline / "unet").glob("diffusion_pytorch_model-*.safetensors"))) > 1  # diffusers sharded it
+    destination = tmp_path / "sdxl"
+    try:
+        cli(["convert", "--from", str(pipeline), "--to", str(destination)])
+        sd = load_pipeline(destination)
+        assert isinstance(sd, StableDiffusion_XL)
+        inputs, outputs = sdxl_source["inputs"], sdxl_source["outputs"]
+        with torch.no_grad():
+            sd.unet.set_timestep(inputs["timestep"])
+            sd.unet.set_clip_text_embedding(inputs["embedding"])
+            sd.unet.set_pooled_text_embedding(inputs["text_embeds"])
+            sd.unet.set_time_ids(inputs["time_ids"])
+            assert_close(sd.unet(inputs["x"]), outputs["unet"])
+            text, pooled = sd.clip_text_encoder(PROMPTS)
+            assert_close(text, outputs["text"])
+            assert_close(pooled, outputs["pooled"])
+            assert_close(sd.lda[0](inputs["image"]), outputs["encoded"])
+            assert_close(sd.lda[1](inputs["latents"]), outputs["decoded"])
+        del sd
+    finally:
+        shutil.rmtree(destination, ignore_errors=True)
