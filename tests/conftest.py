@@ -52,3 +52,14 @@ def sd1_source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
         dm.save(controlnet, controlnet_folder)
     yield {"root": root, "pipeline": pipeline, "controlnet": controlnet_folder, "inputs": inputs, "outputs": outputs}
     shutil.rmtree(root)
+
+
+@pytest.fixture(scope="session")
+def sd1_converted(sd1_source: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The random SD1 pipeline converted once, by the command line."""
+    from style_aligned.cli import main as cli
+
+    destination = tmp_path_factory.mktemp("sd1-converted") / "sd1"
+    cli(["convert", "--from", str(sd1_source["pipeline"]), "--to", str(destination)])
+    yield destination
+    shutil.rmtree(destination)

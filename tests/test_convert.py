@@ -23,16 +23,16 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float 
     assert (actual - expected).abs().max().item() <= tolerance * scale
 
 
-def test_sd1_pipeline_converts_by_command_and_matches_diffusers(sd1_source: dict[str, Any], tmp_path: Path) -> None:
-    destination = tmp_path / "converted"
-    cli(["convert", "--from", str(sd1_source["pipeline"]), "--to", str(destination)])
-    files = sorted(p.name for p in destination.iterdir())
+def test_sd1_pipeline_converts_by_command_and_matches_diffusers(
+    sd1_source: dict[str, Any], sd1_converted: Path
+) -> None:
+    files = sorted(p.name for p in sd1_converted.iterdir())
     assert files == ["autoencoder.safetensors", "text_encoder.safetensors", "unet.safetensors"]
-    with SafetensorsReader(destination / "unet.safetensors") as reader:
+    with SafetensorsReader(sd1_converted / "unet.safetensors") as reader:
         assert reader.metadata["model"] == "sd1_unet" and reader.metadata["dtype"] == "float32"
         assert reader.metadata["source"] == str(sd1_source["pipeline"].resolve())
 
-    sd = load_pipeline(destination)
+    sd = load_pipeline(sd1_converted)
     assert isinstance(sd, StableDiffusion_1)
     inputs, outputs = sd1_source["inputs"], sd1_source["outputs"]
     with torch.no_grad():
@@ -57,6 +57,7 @@ def test_pipeline_loads_straight_from_diffusers_and_from_cache(sd1_source: dict[
             (cached,) = (tmp_path / "cache").iterdir()
             stamp = (cached / "unet.safetensors").stat().st_mtime_ns
     assert (cached / "unet.safetensors").stat().st_mtime_ns == stamp  # the third load reused the cache
+    shutil.rmtree(tmp_path / "cache")
 
 
 def controlnet_residuals(controlnet_file: Path, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -85,6 +86,7 @@ def test_sd1_controlnet_converts_and_matches_diffusers(sd1_source: dict[str, Any
     assert len(residuals) == len(expected) == 13
     for actual, reference in zip(residuals, expected, strict=True):
         assert_close(actual, reference, tolerance=1e-2 if half else 1e-4)
+    file.unlink()
 
 
 def link_pipeline(source: Path, destination: Path, kind: str, folders: dict[str, Path]) -> Path:
@@ -241,10 +243,10 @@ def test_cli_reports_errors_without_a_traceback(tmp_path: Path, capsys: pytest.C
     assert "is not a folder" in capsys.readouterr().err
 
 
-def test_loading_a_file_of_another_kind_is_refused(sd1_source: dict[str, Any], tmp_path: Path) -> None:
-    (file,) = convert(sd1_source["controlnet"], tmp_path)
-    assert model_kind(file) == "sd1_controlnet"
-    with pytest.raises(WeightsError, match="holds the weights of the SD1 ControlNet, not of the SD1 U-Net"):
+def test_loading_a_file_of_another_kind_is_refused(sd1_converted: Path, tmp_path: Path) -> None:
+    file = sd1_converted / "autoencoder.safetensors"
+    assert model_kind(file) == "sd1_autoencoder"
+    with pytest.raises(WeightsError, match="holds the weights of the SD1 autoencoder, not of the SD1 U-Net"):
         load_model(file, kind="sd1_unet")
     with pytest.raises(WeightsError, match="neither converted weights"):
         load_pipeline(tmp_path)
@@ -270,8 +272,6 @@ def test_text_encoder_keys_with_or_without_text_model_prefix(sd1_source: dict[st
         "sd1",
         {"unet": pipeline / "unet", "text_encoder": text_encoder, "vae": pipeline / "vae"},
     )
-    destination = tmp_path / "out"
-    convert(source, destination)
-    encoder = load_model(destination / "text_encoder.safetensors", kind="sd1_text_encoder")
+    encoder = load_pipeline(source).clip_text_encoder  # converted on the fly
     with torch.no_grad():
         assert_close(encoder[1:](sd1_source["inputs"]["tokens"]), sd1_source["outputs"]["text_encoder"])

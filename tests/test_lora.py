@@ -18,7 +18,6 @@ from transformers import CLIPTextModel  # type: ignore[import-untyped]
 
 from style_aligned import StyleAlignedAdapter
 from style_aligned.architectures import ARCHITECTURES
-from style_aligned.convert import convert
 from style_aligned.key_maps import load_key_map
 from style_aligned.loading import load_pipeline
 from style_aligned.lora import LoraError, LoraManager, load_lora_file, sgm_unet_modules
@@ -96,10 +95,8 @@ def merged(model: torch.nn.Module, weights: dict[str, Any], scale: float, use_al
 
 
 @pytest.fixture(scope="module")
-def sd1(sd1_source: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> StableDiffusion_1:
-    destination = tmp_path_factory.mktemp("sd1-converted")
-    convert(sd1_source["pipeline"], destination)
-    sd = load_pipeline(destination)
+def sd1(sd1_converted: Path) -> StableDiffusion_1:
+    sd = load_pipeline(sd1_converted)
     assert isinstance(sd, StableDiffusion_1)
     return sd
 
