@@ -9,6 +9,7 @@ from refiners.fluxion.adapters.adapter import Adapter
 from refiners.foundationals.latent_diffusion import SD1UNet, SDXLUNet
 
 from style_aligned.group_norm import SharedGroupNormAdapter
+from style_aligned.reference_cache import ReferenceCache
 from style_aligned.references import CheckBatchLayout
 from style_aligned.shared_attention import SharedAttentionAdapter
 from style_aligned.unet_layers import (
@@ -87,6 +88,8 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
         self._shared_score_shift = shared_score_shift
         self.full_attention_share = full_attention_share
         self.classifier_free_guidance = classifier_free_guidance
+        self.reference_cache = ReferenceCache()
+        """Where the shared layers find the references: the batch by default, or a recording (see `ReferenceCache`)."""
         self._injected = False
 
         self.shared_layers: tuple[SelfAttentionLayer, ...] = tuple(
@@ -103,6 +106,7 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
                     shared_score_shift=shared_score_shift,
                     full_attention_share=full_attention_share,
                     classifier_free_guidance=classifier_free_guidance,
+                    reference_cache=self.reference_cache,
                 ),
                 shared.layer,
             )
@@ -110,14 +114,15 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
         )
         self._group_norm_adapters = (
             tuple(
-                (SharedGroupNormAdapter(group_norm, classifier_free_guidance), parent)
+                (SharedGroupNormAdapter(group_norm, classifier_free_guidance, self.reference_cache), parent)
                 for group_norm, parent in own_layers(unet, fl.GroupNorm)
             )
             if share_group_norm
             else ()
         )
 
-        self._check_batch_layout = [CheckBatchLayout(classifier_free_guidance)]  # a list: not a registered module
+        # in a list: not a registered module
+        self._check_batch_layout = [CheckBatchLayout(classifier_free_guidance, self.reference_cache)]
         with self.setup_adapter(target):
             super().__init__(target)
 

@@ -6,7 +6,8 @@ from jaxtyping import Float
 from torch import Tensor
 from torch.nn.functional import scaled_dot_product_attention
 
-from style_aligned.references import by_half, images_per_half
+from style_aligned.batch_layout import by_half, images_per_half
+from style_aligned.reference_cache import ReferenceCache
 
 
 def reference_score_bias(
@@ -41,7 +42,8 @@ class ShiftedScaledDotProductAttention(fl.ScaledDotProductAttention):
     logits are never materialised; with `shift == 0` no mask is passed at all.
 
     A reference image's appended tokens duplicate its own, which leaves its output unchanged for any shift: its
-    attention runs over its own tokens only, which is exact and half the work.
+    attention runs over its own tokens only, which is exact and half the work. When the reference cache replays
+    recorded references, every row is a target.
 
     Receives:
         Query (Float[Tensor, "batch num_queries embedding_dim"]):
@@ -58,6 +60,7 @@ class ShiftedScaledDotProductAttention(fl.ScaledDotProductAttention):
         shift: float = 0.0,
         classifier_free_guidance: bool = True,
         slice_size: int | None = None,
+        reference_cache: ReferenceCache | None = None,
     ) -> None:
         """Initialize the layer.
 
@@ -66,10 +69,12 @@ class ShiftedScaledDotProductAttention(fl.ScaledDotProductAttention):
             shift: The constant added to the logits of the appended reference tokens of target images.
             classifier_free_guidance: Whether the batch is made of an unconditional and a conditional half.
             slice_size: If given, the queries are processed in slices of this size.
+            reference_cache: Tells whether the batch holds the references (by default, it does).
         """
         super().__init__(num_heads=num_heads, slice_size=slice_size)
         self.shift = shift
         self.classifier_free_guidance = classifier_free_guidance
+        self.reference_cache = reference_cache or ReferenceCache()
 
     def _process_attention(
         self,
@@ -77,6 +82,13 @@ class ShiftedScaledDotProductAttention(fl.ScaledDotProductAttention):
         key: Float[Tensor, "batch 2*num_tokens embedding_dim"],
         value: Float[Tensor, "batch 2*num_tokens embedding_dim"],
     ) -> Float[Tensor, "batch num_queries embedding_dim"]:
+        bias = (
+            None
+            if self.shift == 0.0
+            else reference_score_bias(key.shape[1], self.shift, device=query.device, dtype=query.dtype)
+        )
+        if not self.reference_cache.batch_has_references:
+            return self._attend(query, key, value, bias)  # every row is a target
         per_half = images_per_half(query.shape[0], self.classifier_free_guidance)
         num_tokens = key.shape[1] // 2
         queries, keys, values = by_half(query, per_half), by_half(key, per_half), by_half(value, per_half)
@@ -84,14 +96,8 @@ class ShiftedScaledDotProductAttention(fl.ScaledDotProductAttention):
         outputs = by_half(output, per_half)  # (halves, per_half, num_queries, embedding_dim), a view of output
         # references: plain attention over their own tokens
         outputs[:, 0] = self._attend(queries[:, 0], keys[:, 0, :num_tokens], values[:, 0, :num_tokens], bias=None)
-        if per_half > 1:
-            bias = (
-                None
-                if self.shift == 0.0
-                else reference_score_bias(key.shape[1], self.shift, device=query.device, dtype=query.dtype)
-            )
-            for half in range(outputs.shape[0]):
-                outputs[half, 1:] = self._attend(queries[half, 1:], keys[half, 1:], values[half, 1:], bias=bias)
+        for half in range(outputs.shape[0] if per_half > 1 else 0):
+            outputs[half, 1:] = self._attend(queries[half, 1:], keys[half, 1:], values[half, 1:], bias=bias)
         return output
 
     def _attend(
@@ -126,7 +132,11 @@ class JointScaledDotProductAttention(fl.ScaledDotProductAttention):
     """
 
     def __init__(
-        self, num_heads: int = 1, classifier_free_guidance: bool = True, slice_size: int | None = None
+        self,
+        num_heads: int = 1,
+        classifier_free_guidance: bool = True,
+        slice_size: int | None = None,
+        reference_cache: ReferenceCache | None = None,
     ) -> None:
         """Initialize the layer.
 
@@ -134,9 +144,11 @@ class JointScaledDotProductAttention(fl.ScaledDotProductAttention):
             num_heads: The number of heads.
             classifier_free_guidance: Whether the batch is made of an unconditional and a conditional half.
             slice_size: If given, the queries are processed in slices of this size.
+            reference_cache: Only its default mode applies: every image needs all the others in the batch.
         """
         super().__init__(num_heads=num_heads, slice_size=slice_size)
         self.classifier_free_guidance = classifier_free_guidance
+        self.reference_cache = reference_cache or ReferenceCache()
 
     def forward(
         self,
@@ -144,6 +156,8 @@ class JointScaledDotProductAttention(fl.ScaledDotProductAttention):
         key: Float[Tensor, "batch tokens embedding_dim"],
         value: Float[Tensor, "batch tokens embedding_dim"],
     ) -> Float[Tensor, "batch tokens embedding_dim"]:
+        if self.reference_cache.mode != "batch":
+            raise RuntimeError("full_attention_share needs the whole set in one batch, without the reference cache")
         batch_size, num_tokens, _ = query.shape
         halves = batch_size // images_per_half(batch_size, self.classifier_free_guidance)
         output = super().forward(

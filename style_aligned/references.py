@@ -1,8 +1,7 @@
-"""The reference image of each batch half, and the layers that hand it to the other images.
+"""The reference image of each batch half, and the layers that hand its features to the other images.
 
-StyleAligned works on a batch laid out in halves: with classifier-free guidance the batch is
-`[uncond_0 .. uncond_{n-1} | cond_0 .. cond_{n-1}]` (the order of Refiners' `compute_clip_text_embedding`),
-without it there is a single half. Image 0 of each half is the style reference; the others are targets.
+See `style_aligned.batch_layout` for the batch layout and `style_aligned.reference_cache` for where the references
+come from (the batch itself by default, or a recording of an earlier pass).
 """
 
 import refiners.fluxion.layers as fl
@@ -10,55 +9,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-
-def images_per_half(batch_size: int, classifier_free_guidance: bool) -> int:
-    """Check a batch layout and return the number of images in each half.
-
-    Args:
-        batch_size: The size of the batch.
-        classifier_free_guidance: Whether the batch is an unconditional half followed by a conditional half.
-
-    Returns:
-        The number of images in each half: the reference plus the targets.
-
-    Raises:
-        ValueError: If the batch cannot be split into halves that each start with a reference image.
-    """
-    if classifier_free_guidance:
-        if batch_size < 2 or batch_size % 2 != 0:
-            raise ValueError(
-                f"StyleAligned got a batch of {batch_size}: with classifier_free_guidance=True the batch must be"
-                " [uncond_0 .. uncond_n-1 | cond_0 .. cond_n-1], an even size of at least 2 whose halves each start"
-                " with the reference image (use classifier_free_guidance=False for a batch without guidance)"
-            )
-        return batch_size // 2
-    if batch_size < 1:
-        raise ValueError("StyleAligned got an empty batch: it needs at least the reference image")
-    return batch_size
-
-
-def by_half(x: Tensor, per_half: int) -> Tensor:
-    """Reshape a batch to `(halves, per_half, *rest)`, a view when `x` is contiguous."""
-    return x.reshape(x.shape[0] // per_half, per_half, *x.shape[1:])
-
-
-def reference_rows(
-    x: Float[Tensor, "batch ..."],
-    classifier_free_guidance: bool,
-) -> Float[Tensor, "batch ..."]:
-    """Return the reference row of each batch half, repeated over that half.
-
-    Args:
-        x: Any tensor whose first axis is the batch.
-        classifier_free_guidance: Whether the batch is made of an unconditional and a conditional half.
-
-    Returns:
-        A tensor shaped like `x` whose row `i` is the reference row of the half that holds row `i`.
-    """
-    per_half = images_per_half(x.shape[0], classifier_free_guidance)
-    halves = x.shape[0] // per_half
-    references = by_half(x, per_half)[:, :1]  # (halves, 1, *rest)
-    return references.expand(halves, per_half, *x.shape[1:]).reshape(x.shape)  # (batch, *rest)
+from style_aligned.reference_cache import ReferenceCache
 
 
 class GetReferences(fl.Module):
@@ -78,17 +29,21 @@ class GetReferences(fl.Module):
         ```
     """
 
-    def __init__(self, classifier_free_guidance: bool = True) -> None:
+    def __init__(self, classifier_free_guidance: bool = True, reference_cache: ReferenceCache | None = None) -> None:
         """Initialize the layer.
 
         Args:
             classifier_free_guidance: Whether the batch is made of an unconditional and a conditional half.
+            reference_cache: Where the references come from (by default, image 0 of each batch half).
         """
         super().__init__()
         self.classifier_free_guidance = classifier_free_guidance
+        self.reference_cache = reference_cache or ReferenceCache()
 
     def forward(self, x: Float[Tensor, "batch ..."]) -> Float[Tensor, "batch ..."]:
-        return reference_rows(x, self.classifier_free_guidance)
+        references = self.reference_cache.references(self, x, self.classifier_free_guidance)  # (halves, 1, ...)
+        per_half = x.shape[0] // references.shape[0]
+        return references.expand(references.shape[0], per_half, *x.shape[1:]).reshape(x.shape)
 
 
 class ScaleReferences(fl.Module):
@@ -104,23 +59,31 @@ class ScaleReferences(fl.Module):
         (Float[Tensor, "batch tokens channels"]): The same features, multiplied by `scale` in the target rows.
     """
 
-    def __init__(self, scale: float = 1.0, classifier_free_guidance: bool = True) -> None:
+    def __init__(
+        self,
+        scale: float = 1.0,
+        classifier_free_guidance: bool = True,
+        reference_cache: ReferenceCache | None = None,
+    ) -> None:
         """Initialize the layer.
 
         Args:
             scale: The factor applied to the reference features of target rows.
             classifier_free_guidance: Whether the batch is made of an unconditional and a conditional half.
+            reference_cache: Tells whether the batch holds the references (by default, it does).
         """
         super().__init__()
         self.scale = scale
         self.classifier_free_guidance = classifier_free_guidance
+        self.reference_cache = reference_cache or ReferenceCache()
 
     def forward(self, x: Float[Tensor, "batch ..."]) -> Float[Tensor, "batch ..."]:
         if self.scale == 1.0:
             return x
-        per_half = images_per_half(x.shape[0], self.classifier_free_guidance)
+        per_half = self.reference_cache.images_per_half(x.shape[0], self.classifier_free_guidance)
         factors = torch.full((x.shape[0] // per_half, per_half), self.scale, device=x.device, dtype=x.dtype)
-        factors[:, 0] = 1.0  # the reference's own copy
+        if self.reference_cache.batch_has_references:
+            factors[:, 0] = 1.0  # the reference's own copy
         return x * factors.reshape(x.shape[0], *(1,) * (x.ndim - 1))
 
 
@@ -136,22 +99,30 @@ class AppendReferences(fl.Concatenate):
         (Float[Tensor, "batch ..."]): Each row followed, along `dim`, by its half's reference row.
     """
 
-    def __init__(self, classifier_free_guidance: bool = True, dim: int = 1, scale: float | None = None) -> None:
+    def __init__(
+        self,
+        classifier_free_guidance: bool = True,
+        dim: int = 1,
+        scale: float | None = None,
+        reference_cache: ReferenceCache | None = None,
+    ) -> None:
         """Initialize the layer.
 
         Args:
             classifier_free_guidance: Whether the batch is made of an unconditional and a conditional half.
             dim: The axis to append along: 1 for the tokens of attention inputs.
             scale: If given, the appended copies of target rows are scaled by it (a `ScaleReferences` layer).
+            reference_cache: Where the references come from (by default, image 0 of each batch half).
         """
-        references = fl.Chain(GetReferences(classifier_free_guidance))
+        cache = reference_cache or ReferenceCache()
+        references = fl.Chain(GetReferences(classifier_free_guidance, cache))
         if scale is not None:
-            references.append(ScaleReferences(scale, classifier_free_guidance))
+            references.append(ScaleReferences(scale, classifier_free_guidance, cache))
         super().__init__(fl.Identity(), references, dim=dim)
 
 
 class CheckBatchLayout(fl.ContextModule):
-    """Check, before a U-Net runs, that its batch splits into halves that each start with a reference.
+    """Check, before a U-Net runs, that its batch fits the StyleAligned layout.
 
     Placed first in the U-Net, it refuses a bad batch before any layer has stored anything in the U-Net's context;
     should a side branch placed before it have done so, the U-Net's context is reset before the error is raised.
@@ -163,18 +134,20 @@ class CheckBatchLayout(fl.ContextModule):
         (Float[Tensor, "batch channels height width"]): The same input.
     """
 
-    def __init__(self, classifier_free_guidance: bool = True) -> None:
+    def __init__(self, classifier_free_guidance: bool = True, reference_cache: ReferenceCache | None = None) -> None:
         """Initialize the layer.
 
         Args:
             classifier_free_guidance: Whether the batch is made of an unconditional and a conditional half.
+            reference_cache: Tells the mode (a batch of references only, when recording them).
         """
         super().__init__()
         self.classifier_free_guidance = classifier_free_guidance
+        self.reference_cache = reference_cache or ReferenceCache()
 
     def forward(self, x: Float[Tensor, "batch ..."]) -> Float[Tensor, "batch ..."]:
         try:
-            images_per_half(x.shape[0], self.classifier_free_guidance)
+            self.reference_cache.images_per_half(x.shape[0], self.classifier_free_guidance)
         except ValueError:
             if (unet := self.parent) is not None:
                 for name, value in unet.init_context().items():

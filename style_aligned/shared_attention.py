@@ -5,11 +5,12 @@ from refiners.fluxion.adapters.adapter import Adapter
 
 from style_aligned.adain import AdaIN
 from style_aligned.attention import JointScaledDotProductAttention, ShiftedScaledDotProductAttention
+from style_aligned.reference_cache import ReferenceCache
 from style_aligned.references import AppendReferences, ScaleReferences
 
 
-def _adain(enabled: bool, classifier_free_guidance: bool) -> fl.Module:
-    return AdaIN(classifier_free_guidance) if enabled else fl.Identity()
+def _adain(enabled: bool, classifier_free_guidance: bool, reference_cache: ReferenceCache) -> fl.Module:
+    return AdaIN(classifier_free_guidance, reference_cache=reference_cache) if enabled else fl.Identity()
 
 
 class SharedAttentionAdapter(fl.Chain, Adapter[fl.ScaledDotProductAttention]):
@@ -45,6 +46,7 @@ class SharedAttentionAdapter(fl.Chain, Adapter[fl.ScaledDotProductAttention]):
         shared_score_shift: float = 0.0,
         full_attention_share: bool = False,
         classifier_free_guidance: bool = True,
+        reference_cache: ReferenceCache | None = None,
     ) -> None:
         """Initialize the adapter.
 
@@ -57,26 +59,32 @@ class SharedAttentionAdapter(fl.Chain, Adapter[fl.ScaledDotProductAttention]):
             shared_score_shift: Constant added to the attention logits of the appended reference tokens.
             full_attention_share: Attend to all images of the half instead (no AdaIN, scale or shift).
             classifier_free_guidance: Whether the batch is made of an unconditional and a conditional half.
+            reference_cache: Where the references come from (by default, image 0 of each batch half).
         """
         cfg = classifier_free_guidance
+        cache = reference_cache or ReferenceCache()
         self.full_attention_share = full_attention_share
         layers: list[fl.Module] = (
             [
                 # (queries, keys, values): (batch, tokens, channels) each
-                JointScaledDotProductAttention(target.num_heads, cfg, slice_size=target.slice_size),
+                JointScaledDotProductAttention(
+                    target.num_heads, cfg, slice_size=target.slice_size, reference_cache=cache
+                ),
             ]
             if full_attention_share
             else [
                 # (queries, keys, values): (batch, tokens, channels) each
-                fl.Distribute(_adain(adain_queries, cfg), _adain(adain_keys, cfg), _adain(adain_values, cfg)),
+                fl.Distribute(
+                    _adain(adain_queries, cfg, cache), _adain(adain_keys, cfg, cache), _adain(adain_values, cfg, cache)
+                ),
                 fl.Distribute(
                     fl.Identity(),
-                    AppendReferences(cfg, dim=1, scale=shared_score_scale),
-                    AppendReferences(cfg, dim=1),
+                    AppendReferences(cfg, dim=1, scale=shared_score_scale, reference_cache=cache),
+                    AppendReferences(cfg, dim=1, reference_cache=cache),
                 ),
                 # (queries, keys, values): keys and values have 2 x tokens, the reference's appended
                 ShiftedScaledDotProductAttention(
-                    target.num_heads, shared_score_shift, cfg, slice_size=target.slice_size
+                    target.num_heads, shared_score_shift, cfg, slice_size=target.slice_size, reference_cache=cache
                 ),
             ]
         )

@@ -152,3 +152,45 @@ def test_bad_batches_are_clear_errors_and_leave_the_unet_untouched(
         adapter.eject()
     assert [name for name, _ in unet.named_modules()] == baseline["modules"]
     assert torch.equal(models.run_unet(unet, baseline["inputs"]), baseline["output"])
+
+
+SET_OPTIONS: dict[str, Any] = {"share_group_norm": True, "shared_score_shift": math.log(2), "shared_score_scale": 0.8}
+
+
+def pick(inputs: dict[str, torch.Tensor], images: list[int], per_half: int) -> dict[str, torch.Tensor]:
+    """The rows of some images in both CFG halves of every batched input."""
+    rows = [half * per_half + image for half in range(2) for image in images]
+    return {key: value if key == "timestep" else value[rows] for key, value in inputs.items()}
+
+
+@pytest.fixture(scope="module")
+def set_of_eight(unet: SD1UNet | SDXLUNet, kind: str) -> dict[str, Any]:
+    """A reference and 7 targets with CFG (16 rows), and their shared output in one batch."""
+    inputs = models.unet_inputs(unet, batch_size=16, size=16 if kind == "sd1" else 8, seed=3)
+    adapter = StyleAlignedAdapter(unet, **SET_OPTIONS).inject()
+    try:
+        output = models.run_unet(unet, inputs)
+    finally:
+        adapter.eject()
+    return {"inputs": inputs, "output": output}
+
+
+@pytest.mark.parametrize("chunk", [2, 3, 7])
+def test_targets_in_chunks_with_recorded_references_equal_one_batch(
+    unet: SD1UNet | SDXLUNet, set_of_eight: dict[str, Any], chunk: int
+) -> None:
+    inputs, expected = set_of_eight["inputs"], set_of_eight["output"]
+    adapter = StyleAlignedAdapter(unet, **SET_OPTIONS).inject()
+    try:
+        with adapter.reference_cache.record():
+            reference = models.run_unet(unet, pick(inputs, [0], 8))
+        chunks: list[tuple[list[int], torch.Tensor]] = []
+        with adapter.reference_cache.replay():
+            for start in range(1, 8, chunk):
+                images = list(range(start, min(start + chunk, 8)))
+                chunks.append((images, models.run_unet(unet, pick(inputs, images, 8))))
+    finally:
+        adapter.eject()
+    assert (reference - expected[[0, 8]]).abs().max().item() <= 1e-4
+    for images, output in chunks:
+        assert (output - pick({"x": expected}, images, 8)["x"]).abs().max().item() <= 1e-4
