@@ -4,10 +4,14 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from style_aligned.safetensors_io import WeightsError
 
 Command = Callable[[argparse.Namespace], None]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -36,6 +40,139 @@ def _add_convert(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(command=_convert)
 
 
+def size(text: str) -> tuple[int, int]:
+    """Parse `WxH` (or `N` for a square) into (width, height)."""
+    try:
+        width, _, height = text.lower().partition("x")
+        return int(width), int(height or width)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, e.g. 1024x1024, got {text!r}") from None
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", type=Path, required=True, metavar="DIR", help="converted or diffusers SD folder")
+    group.add_argument("--cache-dir", type=Path, help="keep the conversion of a diffusers folder here")
+    group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    group.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: float16 on GPU, float32 on CPU")
+
+
+def add_style_options(parser: argparse.ArgumentParser) -> None:
+    """The StyleAlignedAdapter options; unset ones keep the command's defaults."""
+    group = parser.add_argument_group("StyleAligned options (docs/parameters.md)")
+    for name in ("adain-queries", "adain-keys", "adain-values", "share-group-norm"):
+        group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None)
+    group.add_argument("--shared-score-scale", type=float, metavar="S", help="factor on the reference keys (> 0)")
+    group.add_argument("--shared-score-shift", type=float, metavar="B", help="logit shift of reference tokens")
+    group.add_argument("--only-self-level", type=float, metavar="L", help="fraction of layers left unshared, 0-1")
+    group.add_argument("--shared-layers", type=int, nargs="+", metavar="I", help="indices of the layers to share")
+    group.add_argument("--shared-blocks", choices=["down", "mid", "up"], nargs="+", help="U-Net blocks to share")
+    group.add_argument("--full-attention-share", action="store_true", default=None, help="all images attend to all")
+
+
+STYLE_OPTIONS = (
+    "adain_queries",
+    "adain_keys",
+    "adain_values",
+    "share_group_norm",
+    "shared_score_scale",
+    "shared_score_shift",
+    "only_self_level",
+    "shared_layers",
+    "shared_blocks",
+    "full_attention_share",
+)
+
+
+def style_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The StyleAlignedAdapter options given on the command line."""
+    return {name: getattr(args, name) for name in STYLE_OPTIONS if getattr(args, name, None) is not None}
+
+
+def add_set_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("set")
+    group.add_argument("--prompt", dest="prompts", action="append", required=True, help="one per image (repeat)")
+    group.add_argument("--negative-prompt", default="", help="negative prompt of every image")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
+    group.add_argument("--guidance", type=float, default=None, help="default: 5 (SDXL), 7.5 (SD1)")
+    group.add_argument("--size", type=size, default=None, metavar="WxH", help="default: 1024 (SDXL), 512 (SD1)")
+    group.add_argument("--chunk-size", type=int, default=None, metavar="N", help="targets per batch (default: all)")
+    group.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write the images")
+
+
+def load_model(args: argparse.Namespace) -> Any:
+    from style_aligned.loading import load_pipeline
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device == "cpu" else torch.float16)
+    print(f"loading {args.model} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
+    return load_pipeline(args.model, device=device, dtype=dtype, cache_dir=args.cache_dir)
+
+
+class ProgressBar:
+    """A progress bar of steps and chunks, on standard error."""
+
+    def __init__(self, description: str) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=0, desc=description, unit="call", file=sys.stderr, dynamic_ncols=True)
+
+    def __call__(self, event: Any) -> None:
+        self._bar.total = event.total
+        if event.phase == "decode":
+            self._bar.set_postfix_str(f"decoding {event.chunk}/{event.chunks}")
+        else:
+            self._bar.set_postfix_str(f"step {event.step}/{event.steps}, chunk {event.chunk}/{event.chunks}")
+        self._bar.update(event.done - self._bar.n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from style_aligned.generate import SetSpec, generate_set
+    from style_aligned.set_files import SIDECAR, sidecar, write_json, write_set_images
+
+    width, height = args.size or (None, None)
+    spec = SetSpec(
+        prompts=args.prompts,
+        reference_prompt=args.reference_prompt,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        width=width,
+        height=height,
+        chunk_size=args.chunk_size,
+        style=style_options(args),
+    )
+    sd = load_model(args)
+    spec = spec.resolved(sd)
+    args.out.mkdir(parents=True, exist_ok=True)
+    prompts = spec.image_prompts()
+    write_json(args.out / SIDECAR, sidecar("generate", spec, prompts, model=str(args.model)))
+    bar = ProgressBar(f"{len(prompts)} images")
+    try:
+        generated = generate_set(sd, spec, progress=bar)
+    finally:
+        bar.close()
+    write_set_images(args.out, generated.images, generated.prompts, title=f"style-aligned set, seed {spec.seed}")
+    print(args.out)
+
+
+def _add_generate(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Generate a style-consistent set: the first image (--reference-prompt, or the first --prompt) is the"
+        " reference, the others share its style. Writes one PNG per image, a labelled grid.png and set.json."
+    )
+    add_model_options(parser)
+    add_set_options(parser)
+    parser.add_argument("--reference-prompt", help="prompt of an extra reference image placed first")
+    add_style_options(parser)
+    parser.set_defaults(command=_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="style-aligned",
@@ -43,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(required=True, metavar="COMMAND")
     _add_convert(subparsers.add_parser("convert", help="convert diffusers SD1/SDXL weights to Refiners weights"))
+    _add_generate(subparsers.add_parser("generate", help="generate a style-consistent set of images"))
     return parser
 
 
@@ -53,8 +191,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     command: Command = args.command
     try:
         command(args)
-    except WeightsError as error:
+    except (WeightsError, ValueError, FileNotFoundError) as error:
         parser.exit(2, f"style-aligned: error: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "style-aligned: interrupted (files already written are complete)\n")
 
 
 if __name__ == "__main__":
