@@ -5,7 +5,7 @@ from style_aligned.adapter import StyleAlignedAdapter
 from style_aligned.attention import JointScaledDotProductAttention, ShiftedScaledDotProductAttention
 from style_aligned.group_norm import SharedGroupNormAdapter
 from style_aligned.reference_cache import ReferenceCache
-from style_aligned.references import AppendReferences, CheckBatchLayout, GetReferences, ScaleReferences
+from style_aligned.references import AppendReferences, CheckBatchLayout, GetReferences, ScaleReferences, SplitHalves
 from style_aligned.shared_attention import SharedAttentionAdapter
 from style_aligned.unet_layers import SelfAttentionLayer, self_attention_layers
 
@@ -19,6 +19,7 @@ __all__ = [
     "ScaleReferences",
     "SelfAttentionLayer",
     "SharedAttentionAdapter",
+    "SplitHalves",
     "SharedGroupNormAdapter",
     "ShiftedScaledDotProductAttention",
     "StyleAlignedAdapter",

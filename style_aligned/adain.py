@@ -19,39 +19,33 @@ class AdaIN(fl.Module):
     https://arxiv.org/abs/2312.02133) (section 3).
 
     Receives:
-        (Float[Tensor, "batch tokens channels"]): Queries, keys or values of every image of the batch.
+        (Float[Tensor, "halves images_per_half tokens channels"]): Queries, keys or values of every image, by half.
 
     Returns:
-        (Float[Tensor, "batch tokens channels"]): The same features, renormalised onto the reference statistics.
+        (Float[Tensor, "halves images_per_half tokens channels"]): The same features, renormalised onto the
+            reference statistics.
     """
 
-    def __init__(
-        self,
-        classifier_free_guidance: bool = True,
-        epsilon: float = 1e-5,
-        reference_cache: ReferenceCache | None = None,
-    ) -> None:
+    def __init__(self, epsilon: float = 1e-5, reference_cache: ReferenceCache | None = None) -> None:
         """Initialize the layer.
 
         Args:
-            classifier_free_guidance: Whether the batch is made of an unconditional and a conditional half.
             epsilon: Added to the variance before the square root.
             reference_cache: Where the reference statistics come from (by default, image 0 of each batch half).
         """
         super().__init__()
-        self.classifier_free_guidance = classifier_free_guidance
         self.epsilon = epsilon
         self.reference_cache = reference_cache or ReferenceCache()
 
-    def forward(self, x: Float[Tensor, "batch tokens channels"]) -> Float[Tensor, "batch tokens channels"]:
+    def forward(
+        self, x: Float[Tensor, "halves images_per_half tokens channels"]
+    ) -> Float[Tensor, "halves images_per_half tokens channels"]:
         # Unbiased variance; a single token has none, so it gets the reference's mean (the limit as variance -> 0).
         correction = 1 if x.shape[-2] > 1 else 0
-        variance, mean = torch.var_mean(x, dim=-2, keepdim=True, correction=correction)  # (batch, 1, channels)
+        variance, mean = torch.var_mean(x, dim=-2, keepdim=True, correction=correction)  # (halves, per_half, 1, C)
         std = (variance + self.epsilon).sqrt()
-        statistics = torch.cat([mean, std], dim=-2)  # (batch, 2, channels)
-        references = self.reference_cache.references(self, statistics, self.classifier_free_guidance)
-        per_half = x.shape[0] // references.shape[0]
-        reference_mean, reference_std = references.expand(-1, per_half, -1, -1).reshape(statistics.shape).chunk(2, -2)
+        references = self.reference_cache.references(self, torch.cat([mean, std], dim=-2))  # (halves, 1, 2, C)
+        reference_mean, reference_std = references.chunk(2, dim=-2)
         # x * (ref_std / std) + (ref_mean - mean * ref_std / std): the reference rows get factor 1 and offset 0 exactly.
         factor = reference_std / std
         offset = reference_mean - mean * factor

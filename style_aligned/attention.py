@@ -6,7 +6,7 @@ from jaxtyping import Float
 from torch import Tensor
 from torch.nn.functional import scaled_dot_product_attention
 
-from style_aligned.batch_layout import by_half, images_per_half
+from style_aligned.batch_layout import images_per_half
 from style_aligned.reference_cache import ReferenceCache
 
 
@@ -43,22 +43,21 @@ class ShiftedScaledDotProductAttention(fl.ScaledDotProductAttention):
 
     A reference image's appended tokens duplicate its own, which leaves its output unchanged for any shift: its
     attention runs over its own tokens only, which is exact and half the work. When the reference cache replays
-    recorded references, every row is a target.
+    recorded references, every image is a target.
 
     Receives:
-        Query (Float[Tensor, "batch num_queries embedding_dim"]):
-        Key (Float[Tensor, "batch 2*num_tokens embedding_dim"]): Own tokens, then the appended reference tokens.
-        Value (Float[Tensor, "batch 2*num_tokens embedding_dim"]): Own tokens, then the appended reference tokens.
+        Query (Float[Tensor, "halves images_per_half num_queries embedding_dim"]):
+        Key (Float[Tensor, "halves images_per_half 2*num_tokens embedding_dim"]): Own tokens, then the reference's.
+        Value (Float[Tensor, "halves images_per_half 2*num_tokens embedding_dim"]): Own tokens, then the reference's.
 
     Returns:
-        (Float[Tensor, "batch num_queries embedding_dim"]):
+        (Float[Tensor, "batch num_queries embedding_dim"]): With `batch = halves * images_per_half`.
     """
 
     def __init__(
         self,
         num_heads: int = 1,
         shift: float = 0.0,
-        classifier_free_guidance: bool = True,
         slice_size: int | None = None,
         reference_cache: ReferenceCache | None = None,
     ) -> None:
@@ -67,38 +66,43 @@ class ShiftedScaledDotProductAttention(fl.ScaledDotProductAttention):
         Args:
             num_heads: The number of heads.
             shift: The constant added to the logits of the appended reference tokens of target images.
-            classifier_free_guidance: Whether the batch is made of an unconditional and a conditional half.
             slice_size: If given, the queries are processed in slices of this size.
             reference_cache: Tells whether the batch holds the references (by default, it does).
         """
         super().__init__(num_heads=num_heads, slice_size=slice_size)
         self.shift = shift
-        self.classifier_free_guidance = classifier_free_guidance
         self.reference_cache = reference_cache or ReferenceCache()
 
-    def _process_attention(
+    def forward(
         self,
-        query: Float[Tensor, "batch num_queries embedding_dim"],
-        key: Float[Tensor, "batch 2*num_tokens embedding_dim"],
-        value: Float[Tensor, "batch 2*num_tokens embedding_dim"],
+        query: Float[Tensor, "halves images_per_half num_queries embedding_dim"],
+        key: Float[Tensor, "halves images_per_half num_keys embedding_dim"],
+        value: Float[Tensor, "halves images_per_half num_keys embedding_dim"],
     ) -> Float[Tensor, "batch num_queries embedding_dim"]:
+        halves, per_half, num_queries, _ = query.shape
+        output = query.new_empty(halves, per_half, num_queries, value.shape[-1])
+        step = self.slice_size or num_queries
+        for start in range(0, num_queries, step):
+            queries = slice(start, start + step)
+            self._attend_by_half(query[:, :, queries], key, value, output[:, :, queries])
+        return output.reshape(halves * per_half, num_queries, -1)
+
+    def _attend_by_half(self, query: Tensor, key: Tensor, value: Tensor, output: Tensor) -> None:
+        """Write into `output` (by half) the attention of every image; see the class docstring."""
         bias = (
             None
             if self.shift == 0.0
-            else reference_score_bias(key.shape[1], self.shift, device=query.device, dtype=query.dtype)
+            else reference_score_bias(key.shape[-2], self.shift, device=query.device, dtype=query.dtype)
         )
-        if not self.reference_cache.batch_has_references:
-            return self._attend(query, key, value, bias)  # every row is a target
-        per_half = images_per_half(query.shape[0], self.classifier_free_guidance)
-        num_tokens = key.shape[1] // 2
-        queries, keys, values = by_half(query, per_half), by_half(key, per_half), by_half(value, per_half)
-        output = torch.empty_like(query)
-        outputs = by_half(output, per_half)  # (halves, per_half, num_queries, embedding_dim), a view of output
+        if not self.reference_cache.batch_has_references:  # every image is a target
+            attended = self._attend(query.flatten(0, 1), key.flatten(0, 1), value.flatten(0, 1), bias)
+            output.copy_(attended.reshape(output.shape))
+            return
+        num_tokens = key.shape[-2] // 2
         # references: plain attention over their own tokens
-        outputs[:, 0] = self._attend(queries[:, 0], keys[:, 0, :num_tokens], values[:, 0, :num_tokens], bias=None)
-        for half in range(outputs.shape[0] if per_half > 1 else 0):
-            outputs[half, 1:] = self._attend(queries[half, 1:], keys[half, 1:], values[half, 1:], bias=bias)
-        return output
+        output[:, 0] = self._attend(query[:, 0], key[:, 0, :num_tokens], value[:, 0, :num_tokens], bias=None)
+        for half in range(output.shape[0] if output.shape[1] > 1 else 0):
+            output[half, 1:] = self._attend(query[half, 1:], key[half, 1:], value[half, 1:], bias=bias)
 
     def _attend(
         self,

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from style_aligned.evaluation import add_evaluate_command
 from style_aligned.safetensors_io import WeightsError
 
 Command = Callable[[argparse.Namespace], None]
@@ -173,6 +174,84 @@ def _add_generate(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(command=_generate)
 
 
+def _transfer(args: argparse.Namespace) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    from style_aligned.inversion import ReferenceTrajectory
+    from style_aligned.set_files import SIDECAR, sidecar, write_json, write_set_images
+    from style_aligned.transfer import TRANSFER_STYLE, TransferSpec, make_trajectory, transfer_set
+
+    if args.trajectory is None and (args.image is None or args.caption is None):
+        raise ValueError("give the reference as --image and --caption, or reuse an inversion with --trajectory")
+    trajectory = ReferenceTrajectory.load(args.trajectory) if args.trajectory else None
+    width, height = args.size or ((trajectory.width, trajectory.height) if trajectory else (None, None))
+    steps = args.steps or (len(trajectory.timesteps) if trajectory else 50)
+    spec = TransferSpec(
+        prompts=args.prompts,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        steps=steps,
+        guidance=args.guidance,
+        width=width,
+        height=height,
+        chunk_size=args.chunk_size,
+        style={**TRANSFER_STYLE, **style_options(args)},
+        offset=args.offset,
+        inversion_guidance=args.inversion_guidance,
+        fit=args.fit,
+    )
+    sd = load_model(args)
+    spec = spec.resolved(sd)
+    if trajectory is None:
+        try:
+            image = Image.open(args.image)
+            image.load()
+        except (OSError, UnidentifiedImageError) as error:
+            raise ValueError(f"cannot read the reference image {args.image}: {error}") from None
+        print(f"inverting {args.image} ({spec.steps} DDIM steps)", file=sys.stderr)
+        trajectory = make_trajectory(sd, image, args.caption, spec)
+        if args.save_trajectory:
+            trajectory.save(args.save_trajectory)
+            print(f"saved the inversion to {args.save_trajectory}", file=sys.stderr)
+    args.out.mkdir(parents=True, exist_ok=True)
+    prompts = [trajectory.caption, *spec.prompts]
+    details = {
+        "model": str(args.model),
+        "image": str(args.image) if args.image else None,
+        "caption": trajectory.caption,
+        "trajectory": str(args.trajectory or args.save_trajectory or "") or None,
+    }
+    write_json(args.out / SIDECAR, sidecar("transfer", spec, prompts, **details))
+    bar = ProgressBar(f"{len(prompts)} images")
+    try:
+        generated = transfer_set(sd, trajectory, spec, progress=bar)
+    finally:
+        bar.close()
+    write_set_images(args.out, generated.images, generated.prompts, title=f"style transfer, seed {spec.seed}")
+    print(args.out)
+
+
+def _add_transfer(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Generate a set in the style of a real image: the image is inverted with DDIM under its caption, and its"
+        " trajectory becomes the reference of the set (image 0, the reconstructed input). Defaults follow the"
+        " reference implementation's transfer example: shared GroupNorm, shift log 2, guidance 10, offset 5."
+    )
+    add_model_options(parser)
+    add_set_options(parser)
+    parser.set_defaults(steps=None)
+    group = parser.add_argument_group("reference image")
+    group.add_argument("--image", type=Path, metavar="REF", help="the style reference (any image Pillow reads)")
+    group.add_argument("--caption", help="a caption of the reference image (its prompt in the set)")
+    group.add_argument("--fit", choices=["crop", "resize"], default="crop", help="cover and crop, or stretch")
+    group.add_argument("--offset", type=int, default=5, help="trajectory index the reference starts from (default: 5)")
+    group.add_argument("--inversion-guidance", type=float, default=2.0, help="guidance of the inversion (default: 2)")
+    group.add_argument("--save-trajectory", type=Path, metavar="FILE", help="save the inversion (.safetensors)")
+    group.add_argument("--trajectory", type=Path, metavar="FILE", help="reuse a saved inversion instead of --image")
+    add_style_options(parser)
+    parser.set_defaults(command=_transfer)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="style-aligned",
@@ -181,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(required=True, metavar="COMMAND")
     _add_convert(subparsers.add_parser("convert", help="convert diffusers SD1/SDXL weights to Refiners weights"))
     _add_generate(subparsers.add_parser("generate", help="generate a style-consistent set of images"))
+    _add_transfer(subparsers.add_parser("transfer", help="generate a set in the style of a real image"))
+    add_evaluate_command(
+        subparsers.add_parser("evaluate", help="score sets: CLIP text alignment and DINO set consistency")
+    )
     return parser
 
 
@@ -191,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     command: Command = args.command
     try:
         command(args)
-    except (WeightsError, ValueError, FileNotFoundError) as error:
+    except (WeightsError, ValueError, FileNotFoundError, ImportError) as error:
         parser.exit(2, f"style-aligned: error: {error}\n")
     except KeyboardInterrupt:
         parser.exit(130, "style-aligned: interrupted (files already written are complete)\n")

@@ -1,13 +1,14 @@
 """Generate a style-consistent set: the reference once per step, the targets in chunks, at constant memory."""
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from PIL import Image
 from refiners.foundationals.latent_diffusion import StableDiffusion_1, StableDiffusion_XL
-from refiners.foundationals.latent_diffusion.solvers import DDIM
+from refiners.foundationals.latent_diffusion.solvers import DDIM, SolverParams
 from torch import Tensor
 
 from style_aligned.adapter import StyleAlignedAdapter
@@ -50,7 +51,7 @@ class SetSpec:
         reference_prompt: The prompt of an extra reference image placed before the others.
         negative_prompt: The negative prompt of every image.
         seed: The seed of the initial noise (image `i` gets the `i`-th draw, whatever the chunk size).
-        steps: The number of DDIM steps.
+        steps: The number of DDIM steps (the solver of the reference examples, see `ddim`).
         guidance: The classifier-free guidance scale (default: 5 for SDXL, 7.5 for SD1, as in the reference examples).
         width: The image width in pixels, a multiple of 8 (default: 1024 for SDXL, 512 for SD1).
         height: The image height in pixels, a multiple of 8 (default: as `width`).
@@ -107,26 +108,28 @@ class GeneratedSet:
 
 
 class SetConditioning:
-    """The text conditioning of every image of a set, batched for any subset of its images."""
+    """The text conditioning of every image of a set, batched for any subset of its images.
+
+    With SDXL, an empty negative prompt gives zero embeddings, as diffusers' SDXL pipeline does for the base model
+    (`force_zeros_for_empty_prompt`) and the reference implementation's inversion does.
+    """
 
     def __init__(self, sd: StableDiffusion, prompts: Sequence[str], negative_prompt: str, width: int, height: int):
-        self.sd = sd
-        self._texts: list[Tensor] = []
-        self._pooled: list[Tensor] = []
-        cache: dict[str, tuple[Tensor, Tensor | None]] = {}
-        for prompt in prompts:
-            if prompt not in cache:
-                if isinstance(sd, StableDiffusion_XL):
-                    text, pooled = sd.compute_clip_text_embedding(prompt, negative_text=negative_prompt)
-                    cache[prompt] = (text, pooled)
-                else:
-                    cache[prompt] = (sd.compute_clip_text_embedding(prompt, negative_text=negative_prompt), None)
-            text, pooled = cache[prompt]
-            self._texts.append(text)  # (2, tokens, channels): [negative, prompt]
-            if pooled is not None:
-                self._pooled.append(pooled)
+        with torch.no_grad():
+            encoded = {prompt: self._encode(sd, prompt, negative_prompt) for prompt in dict.fromkeys(prompts)}
+        self._texts = [encoded[prompt][0] for prompt in prompts]  # (2, tokens, channels) each: [negative, prompt]
+        self._pooled = [pooled for prompt in prompts if (pooled := encoded[prompt][1]) is not None]
         # [original height, original width, crop top, crop left, target height, target width]
         self._time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=sd.device, dtype=sd.dtype)
+
+    @staticmethod
+    def _encode(sd: StableDiffusion, prompt: str, negative_prompt: str) -> tuple[Tensor, Tensor | None]:
+        if not isinstance(sd, StableDiffusion_XL):
+            return sd.compute_clip_text_embedding(prompt, negative_text=negative_prompt), None
+        text, pooled = sd.compute_clip_text_embedding(prompt, negative_text=negative_prompt)
+        if not negative_prompt:
+            text[0], pooled[0] = 0, 0
+        return text, pooled
 
     def __call__(self, images: Sequence[int]) -> dict[str, Tensor]:
         """Keyword arguments of the model's call for a batch of images: `[uncond ... | cond ...]`."""
@@ -139,6 +142,26 @@ class SetConditioning:
             kwargs["pooled_text_embedding"] = guided(self._pooled)
             kwargs["time_ids"] = self._time_ids.repeat(2 * len(images), 1)
         return kwargs
+
+
+def ddim(sd: StableDiffusion, steps: int) -> DDIM:
+    """The DDIM solver of the reference examples: scaled-linear betas from 0.00085 to 0.012, leading spacing,
+    timesteps `[980, 960, ..., 0]` for 50 steps (offset 0), final cumulative alpha that of timestep 0."""
+    return DDIM(num_inference_steps=steps, params=SolverParams(timesteps_offset=0), device=sd.device, dtype=sd.dtype)
+
+
+@contextmanager
+def autoencoder_in_float32(sd: StableDiffusion) -> Generator[None]:
+    """Run the autoencoder in float32 when the model is in half precision (the SDXL VAE overflows in float16)."""
+    if sd.lda.dtype == torch.float32:
+        yield
+        return
+    dtype = sd.lda.dtype
+    sd.lda.to(dtype=torch.float32)
+    try:
+        yield
+    finally:
+        sd.lda.to(dtype=dtype)
 
 
 def initial_noise(spec: SetSpec, count: int, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -220,7 +243,7 @@ def generate_set(sd: StableDiffusion, spec: SetSpec, progress: Progress | None =
     """Generate a style-consistent set of images.
 
     The first image (`spec.reference_prompt`, or the first prompt) is the reference; the others share its style.
-    A 50-step DDIM solver is used, as in the reference implementation; the model's solver is restored afterwards.
+    The DDIM solver of the reference examples is used (see `ddim`); the model's solver is restored afterwards.
 
     Args:
         sd: A `StableDiffusion_XL` or `StableDiffusion_1` (see `style_aligned.loading.load_pipeline`).
@@ -241,7 +264,7 @@ def generate_set(sd: StableDiffusion, spec: SetSpec, progress: Progress | None =
     conditioning = SetConditioning(sd, prompts, spec.negative_prompt, spec.width, spec.height)
     latents = initial_noise(spec, len(prompts), sd.device, sd.dtype)
     solver = sd.solver
-    sd.solver = DDIM(num_inference_steps=spec.steps, device=sd.device, dtype=sd.dtype)
+    sd.solver = ddim(sd, spec.steps)
     count = len(prompts)
     adapter.inject()
     try:
@@ -259,9 +282,9 @@ def decode(sd: StableDiffusion, latents: Tensor, progress: Progress | None = Non
     """Decode latents one image at a time; decoding is the last `len(latents)` units of `total` progress."""
     images: list[Image.Image] = []
     count = latents.shape[0]
-    with torch.no_grad():
+    with torch.no_grad(), autoencoder_in_float32(sd):
         for index in range(count):
-            images.append(sd.lda.latents_to_image(latents[index : index + 1]))
+            images.append(sd.lda.latents_to_image(latents[index : index + 1].to(sd.lda.dtype)))
             if progress:
                 progress(ProgressEvent(total - count + index + 1, total, "decode", 0, 0, index + 1, count))
     return images

@@ -50,9 +50,9 @@ class SharedGroupNormAdapter(fl.Chain, Adapter[fl.GroupNorm]):
         norm = self.target
         groups = x.reshape(x.shape[0], norm.num_groups, -1).float()  # (batch, groups, elements)
         variance, mean = torch.var_mean(groups, dim=-1, keepdim=True, correction=0)
-        statistics = torch.cat([mean, variance], dim=-1)  # (batch, groups, 2)
-        references = self.reference_cache.references(self, statistics, self.classifier_free_guidance)
-        per_half = x.shape[0] // references.shape[0]
+        per_half = self.reference_cache.images_per_half(x.shape[0], self.classifier_free_guidance)
+        statistics = by_half(torch.cat([mean, variance], dim=-1), per_half)  # (halves, per_half, groups, 2)
+        references = self.reference_cache.references(self, statistics)  # (halves, 1, groups, 2)
         first_target = 1 if self.reference_cache.batch_has_references else 0
         if first_target == 1:
             output = norm(x)  # the references keep the plain output, computed exactly as without sharing
@@ -60,7 +60,7 @@ class SharedGroupNormAdapter(fl.Chain, Adapter[fl.GroupNorm]):
             output = torch.empty_like(x)
         if per_half == first_target:
             return output
-        target_mean, target_variance = by_half(statistics, per_half)[:, first_target:].chunk(2, dim=-1)
+        target_mean, target_variance = statistics[:, first_target:].chunk(2, dim=-1)
         reference_mean, reference_variance = references.chunk(2, dim=-1)  # (halves, 1, groups, 1)
         joint_mean = (target_mean + reference_mean) / 2
         joint_variance = (target_variance + reference_variance) / 2 + ((target_mean - reference_mean) / 2) ** 2

@@ -1,7 +1,8 @@
 """Build ready Refiners models from converted files, or straight from a diffusers folder.
 
 Models are built on the meta device and receive their tensors by assignment, one tensor read at a time: loading
-holds one copy of the weights, on the chosen device and dtype.
+holds one copy of the weights, on the chosen device and dtype. They are loaded for inference: in eval mode, with
+gradients off (call `requires_grad_(True)` on a model to train it).
 """
 
 import hashlib
@@ -46,7 +47,7 @@ def _build(
             raise WeightsError(f"{origin}: {key} is {list(tensor.shape)}, expected {list(expected[key].shape)}")
         state[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
     model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 def model_kind(path: Path | str) -> str:

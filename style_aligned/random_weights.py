@@ -64,7 +64,7 @@ def build_random(
         dtype: The floating-point dtype of the model.
 
     Returns:
-        The model, in eval mode.
+        The model, in eval mode, with gradients off.
 
     Example:
         ```py
@@ -75,4 +75,4 @@ def build_random(
         model = factory()
     model = model.to_empty(device=device).to(dtype=dtype)
     fill_random_(model, seed)
-    return model.eval()
+    return model.eval().requires_grad_(False)

@@ -13,7 +13,7 @@ from typing import Literal
 import refiners.fluxion.layers as fl
 from torch import Tensor
 
-from style_aligned.batch_layout import by_half, images_per_half
+from style_aligned.batch_layout import images_per_half
 
 Mode = Literal["batch", "record", "replay"]
 
@@ -55,30 +55,34 @@ class ReferenceCache:
             )
         return per_half
 
-    def references(self, owner: fl.Module, features: Tensor, classifier_free_guidance: bool) -> Tensor:
+    def references(self, owner: fl.Module, features: Tensor) -> Tensor:
         """The reference row of each half of `features`, from the batch or the recording.
 
         Args:
             owner: The layer asking (each layer has its own recording).
-            features: Features of the batch (batch first).
-            classifier_free_guidance: Whether the batch is made of an unconditional and a conditional half.
+            features: Features of the batch, by half: `(halves, images_per_half, *rest)`.
 
         Returns:
-            The reference rows, shaped `(halves, 1, *rest)`.
+            The reference rows, shaped `(halves, 1, *rest)` (a view of `features` in `"batch"` mode).
 
         Raises:
+            ValueError: In `"record"` mode, if the batch holds more than the references.
             RuntimeError: In `"replay"` mode, if nothing fitting was recorded for this layer.
         """
-        per_half = self.images_per_half(features.shape[0], classifier_free_guidance)
         if self.mode == "batch":
-            return by_half(features, per_half)[:, :1]
+            return features[:, :1]
         if self.mode == "record":
-            self._recorded[owner] = references = by_half(features, 1).detach()
-            return references
+            if features.shape[1] != 1:
+                raise ValueError(
+                    "StyleAligned is recording the references: the batch must hold only them (one image per half),"
+                    f" got {features.shape[1]} images per half"
+                )
+            self._recorded[owner] = features.detach()
+            return features
         references = self._recorded.get(owner)
         if references is None:
             raise RuntimeError("StyleAligned has no recorded references: run the references in record mode first")
-        if references.shape[0] != features.shape[0] // per_half or references.shape[2:] != features.shape[1:]:
+        if references.shape[0] != features.shape[0] or references.shape[2:] != features.shape[2:]:
             raise RuntimeError(
                 f"the recorded references ({list(references.shape)}) do not fit this batch ({list(features.shape)}):"
                 " record them again for this size and layout"

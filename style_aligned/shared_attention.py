@@ -6,11 +6,11 @@ from refiners.fluxion.adapters.adapter import Adapter
 from style_aligned.adain import AdaIN
 from style_aligned.attention import JointScaledDotProductAttention, ShiftedScaledDotProductAttention
 from style_aligned.reference_cache import ReferenceCache
-from style_aligned.references import AppendReferences, ScaleReferences
+from style_aligned.references import AppendReferences, ScaleReferences, SplitHalves
 
 
-def _adain(enabled: bool, classifier_free_guidance: bool, reference_cache: ReferenceCache) -> fl.Module:
-    return AdaIN(classifier_free_guidance, reference_cache=reference_cache) if enabled else fl.Identity()
+def _adain(enabled: bool, reference_cache: ReferenceCache) -> fl.Module:
+    return AdaIN(reference_cache=reference_cache) if enabled else fl.Identity()
 
 
 class SharedAttentionAdapter(fl.Chain, Adapter[fl.ScaledDotProductAttention]):
@@ -74,18 +74,19 @@ class SharedAttentionAdapter(fl.Chain, Adapter[fl.ScaledDotProductAttention]):
             if full_attention_share
             else [
                 # (queries, keys, values): (batch, tokens, channels) each
-                fl.Distribute(
-                    _adain(adain_queries, cfg, cache), _adain(adain_keys, cfg, cache), _adain(adain_values, cfg, cache)
-                ),
+                fl.Distribute(SplitHalves(cfg, cache), SplitHalves(cfg, cache), SplitHalves(cfg, cache)),
+                # (queries, keys, values): (halves, images_per_half, tokens, channels) each, views
+                fl.Distribute(_adain(adain_queries, cache), _adain(adain_keys, cache), _adain(adain_values, cache)),
                 fl.Distribute(
                     fl.Identity(),
-                    AppendReferences(cfg, dim=1, scale=shared_score_scale, reference_cache=cache),
-                    AppendReferences(cfg, dim=1, reference_cache=cache),
+                    AppendReferences(scale=shared_score_scale, reference_cache=cache),
+                    AppendReferences(reference_cache=cache),
                 ),
                 # (queries, keys, values): keys and values have 2 x tokens, the reference's appended
                 ShiftedScaledDotProductAttention(
-                    target.num_heads, shared_score_shift, cfg, slice_size=target.slice_size, reference_cache=cache
+                    target.num_heads, shared_score_shift, slice_size=target.slice_size, reference_cache=cache
                 ),
+                # (batch, tokens, channels)
             ]
         )
         with self.setup_adapter(target):

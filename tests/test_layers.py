@@ -15,6 +15,7 @@ from style_aligned import (
     ScaleReferences,
     SharedAttentionAdapter,
     SharedGroupNormAdapter,
+    SplitHalves,
 )
 
 TOLERANCE = 1e-5
@@ -154,21 +155,23 @@ def test_shared_group_norm_matches_spec(classifier_free_guidance: bool, batch_si
     assert torch.equal(parent(x), norm(x))
 
 
-def test_get_references_and_scale() -> None:
-    x = torch.arange(6.0).reshape(6, 1, 1)
-    assert GetReferences(True)(x).flatten().tolist() == [0, 0, 0, 3, 3, 3]
-    assert GetReferences(False)(x).flatten().tolist() == [0] * 6
-    refs = GetReferences(True)(x + 1)
-    assert ScaleReferences(0.5, True)(refs).flatten().tolist() == [1, 0.5, 0.5, 4, 2, 2]
+def test_references_are_broadcast_views_and_scale_spares_the_reference() -> None:
+    x = SplitHalves(True)(torch.arange(6.0).reshape(6, 1, 1))  # (halves, per_half, tokens, channels)
+    assert x.shape == (2, 3, 1, 1)
+    references = GetReferences()(x)
+    assert references.flatten().tolist() == [0, 0, 0, 3, 3, 3]
+    assert references.stride(1) == 0  # a broadcast view: no copy per image
+    assert GetReferences()(SplitHalves(False)(torch.arange(6.0).reshape(6, 1, 1))).flatten().tolist() == [0] * 6
+    assert ScaleReferences(0.5)(GetReferences()(x + 1)).flatten().tolist() == [1, 0.5, 0.5, 4, 2, 2]
 
 
 def test_adain_maps_reference_onto_itself() -> None:
     torch.manual_seed(7)
-    x = torch.randn(4, 30, 8) * 2 + 3
-    y = AdaIN(True)(x)
-    assert (y[[0, 2]] - x[[0, 2]]).abs().max().item() <= TOLERANCE
-    assert torch.allclose(y[1].mean(0), x[0].mean(0), atol=1e-5)
-    assert torch.allclose(y[3].std(0), x[2].std(0), rtol=1e-4)
+    x = torch.randn(2, 2, 30, 8) * 2 + 3
+    y = AdaIN()(x)
+    assert torch.equal(y[:, 0], x[:, 0])
+    assert torch.allclose(y[:, 1].mean(-2), x[:, 0].mean(-2), atol=1e-5)
+    assert torch.allclose(y[:, 1].std(-2), x[:, 0].std(-2), rtol=1e-4)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 5])
@@ -181,4 +184,15 @@ def test_odd_batch_under_guidance_is_a_clear_error(batch_size: int) -> None:
 
 def test_empty_batch_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="empty batch"):
-        GetReferences(False)(torch.randn(0, 8, 64))
+        SplitHalves(False)(torch.randn(0, 8, 64))
+
+
+def test_sliced_attention_matches_spec() -> None:
+    layer = make_self_attention()
+    layer.ensure_find(fl.ScaledDotProductAttention).slice_size = 5  # queries in slices of 5 tokens
+    torch.manual_seed(8)
+    x = torch.randn(6, 23, 64)
+    options: dict[str, float | bool] = dict(shared_score_shift=0.4, shared_score_scale=0.7)
+    expected = expected_output(layer, x, **options)
+    adapt(layer, **options)
+    assert (layer(x) - expected).abs().max().item() <= TOLERANCE
