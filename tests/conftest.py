@@ -1,5 +1,6 @@
 """Shared fixtures: models are built once per session and deleted at its end (see `models.py`)."""
 
+import gc
 import shutil
 import sys
 from collections.abc import Iterator
@@ -13,6 +14,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import diffusers_models as dm  # noqa: E402
 import models  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def collect_garbage() -> Iterator[None]:
+    """Free each module's models when it ends: Refiners models hold reference cycles (children know their parent),
+    so they are freed by the garbage collector, not as soon as they are dropped."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
@@ -37,19 +46,23 @@ def sd1_source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
         unet = dm.unet("sd1")
         outputs["unet"] = unet(inputs["x"], inputs["timestep"], inputs["embedding"]).sample
         dm.save(unet, pipeline / "unet")
+        del unet
         text_encoder = dm.text_encoder("text_encoder", "sd1")
         outputs["text_encoder"] = text_encoder(inputs["tokens"]).last_hidden_state
         dm.save(text_encoder, pipeline / "text_encoder")
+        del text_encoder
         vae = dm.vae()
         outputs["encoded"] = vae.encode(inputs["image"]).latent_dist.mean
         outputs["decoded"] = vae.decode(inputs["latents"]).sample
         dm.save(vae, pipeline / "vae")
+        del vae
         controlnet = dm.controlnet()
         down, mid = controlnet(
             inputs["x"], inputs["timestep"], inputs["embedding"], inputs["condition"], return_dict=False
         )
         outputs["controlnet"] = [*down, mid]
         dm.save(controlnet, controlnet_folder)
+        del controlnet
     yield {"root": root, "pipeline": pipeline, "controlnet": controlnet_folder, "inputs": inputs, "outputs": outputs}
     shutil.rmtree(root)
 

@@ -1,6 +1,5 @@
 """Random-weight diffusers and transformers models in full-size configurations, saved in the diffusers layout."""
 
-import gc
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -56,7 +55,5 @@ def write_model_index(folder: Path, kind: str) -> None:
 
 
 def save(model: Any, folder: Path) -> None:
-    """Save in the diffusers/transformers layout (safetensors), then free the model."""
+    """Save in the diffusers/transformers layout (safetensors); the caller drops the model afterwards."""
     model.save_pretrained(folder, safe_serialization=True)
-    del model
-    gc.collect()

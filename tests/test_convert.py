@@ -1,5 +1,6 @@
 """Conversion of random-weight diffusers folders (full-size configurations) to Refiners, and loading them."""
 
+import gc
 import json
 import shutil
 from pathlib import Path
@@ -53,6 +54,8 @@ def test_pipeline_loads_straight_from_diffusers_and_from_cache(sd1_source: dict[
             sd.unet.set_timestep(inputs["timestep"])
             sd.unet.set_clip_text_embedding(inputs["embedding"])
             assert_close(sd.unet(inputs["x"]), outputs["unet"])
+        del sd
+        gc.collect()  # one pipeline in memory at a time
         if round == 1:
             (cached,) = (tmp_path / "cache").iterdir()
             stamp = (cached / "unet.safetensors").stat().st_mtime_ns

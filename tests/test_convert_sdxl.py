@@ -49,15 +49,18 @@ def sdxl_source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         encoder_l = dm.text_encoder("text_encoder", "sdxl", seed=20)
         hidden_l = encoder_l(tokens_l, output_hidden_states=True).hidden_states[-2]  # SDXL takes the penultimate
         dm.save(encoder_l, pipeline / "text_encoder")
+        del encoder_l
         encoder_g = dm.text_encoder("text_encoder_2", "sdxl", seed=21)
         result_g = encoder_g(tokens_g, output_hidden_states=True)
         outputs["text"] = torch.cat([hidden_l, result_g.hidden_states[-2]], dim=-1)
         outputs["pooled"] = result_g.text_embeds
         dm.save(encoder_g, pipeline / "text_encoder_2")
+        del encoder_g, result_g
         vae = dm.vae(seed=22)
         outputs["encoded"] = vae.encode(inputs["image"]).latent_dist.mean
         outputs["decoded"] = vae.decode(inputs["latents"]).sample
         dm.save(vae, pipeline / "vae")
+        del vae
     yield {"root": root, "pipeline": pipeline, "inputs": inputs, "outputs": outputs}
     shutil.rmtree(root)
 
