@@ -24,6 +24,7 @@ from refiners.foundationals.latent_diffusion.stable_diffusion_xl.text_encoder im
 from torch import nn
 
 from style_aligned.architectures import ARCHITECTURES
+from style_aligned.controlnet_xl import SDXLControlnetAdapter
 from style_aligned.convert import canonical_key
 from style_aligned.key_maps import KEY_MAPS_DIR
 
@@ -131,24 +132,36 @@ def autoencoder_map() -> tuple[dict[str, str], nn.Module]:
     return trace(source, target, (x,), (x,)), target
 
 
-def sd1_controlnet_map() -> tuple[dict[str, str], nn.Module]:
+def controlnet_map(kind: str) -> tuple[dict[str, str], nn.Module]:
     from diffusers import ControlNetModel  # type: ignore[import-untyped]
 
+    config = ARCHITECTURES[f"{kind}_controlnet"].configs["."]
     with META:
-        source = ControlNetModel(**ARCHITECTURES["sd1_controlnet"].configs["."])
-        unet = SD1UNet(in_channels=4)
-        adapter = SD1ControlnetAdapter(unet, name="controlnet").inject()
+        source = ControlNetModel(**config)
+        unet = SDXLUNet(in_channels=4) if kind == "sdxl" else SD1UNet(in_channels=4)
+        if isinstance(unet, SDXLUNet):
+            adapter: Any = SDXLControlnetAdapter(unet, name="controlnet").inject()
+        else:
+            adapter = SD1ControlnetAdapter(unet, name="controlnet").inject()
     target = adapter.controlnet
     x = torch.randn(1, 4, 32, 32, device=META)
     condition = torch.randn(1, 3, 256, 256, device=META)
     timestep = torch.zeros(1, device=META)
-    embedding = torch.randn(1, 77, 768, device=META)
+    embedding = torch.randn(1, 77, config["cross_attention_dim"], device=META)
     adapter.set_controlnet_condition(condition)
     unet.set_clip_text_embedding(clip_text_embedding=embedding)
     unet.set_timestep(timestep=timestep)
+    source_kwargs: dict[str, Any] = {}
+    if isinstance(unet, SDXLUNet):
+        added = {"text_embeds": torch.randn(1, 1280, device=META), "time_ids": torch.randn(1, 6, device=META)}
+        unet.set_time_ids(time_ids=added["time_ids"])
+        unet.set_pooled_text_embedding(pooled_text_embedding=added["text_embeds"])
+        source_kwargs["added_cond_kwargs"] = added
     converter = ModelConverter(source_model=source, target_model=target, skip_output_check=True, verbose=False)
     source_order = converter._trace_module_execution_order(  # pyright: ignore[reportPrivateUsage]
-        module=source, args=(x, timestep, embedding, condition), keys_to_skip=[]
+        module=source,
+        args={"positional": (x, timestep, embedding, condition), "keyword": source_kwargs},
+        keys_to_skip=[],
     )
     target_order = converter._trace_module_execution_order(  # pyright: ignore[reportPrivateUsage]
         module=target, args=(x,), keys_to_skip=[]
@@ -179,7 +192,8 @@ def all_maps() -> dict[str, dict[str, Any]]:
         "sdxl_unet": lambda: unet_map("sdxl_unet"),
         "sd1_unet": lambda: unet_map("sd1_unet"),
         "autoencoder": autoencoder_map,
-        "sd1_controlnet": sd1_controlnet_map,
+        "sd1_controlnet": lambda: controlnet_map("sd1"),
+        "sdxl_controlnet": lambda: controlnet_map("sdxl"),
     }
     results = {name: build() for name, build in builders.items()} | text_encoder_maps()
     maps: dict[str, dict[str, Any]] = {}

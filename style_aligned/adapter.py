@@ -8,11 +8,13 @@ import refiners.fluxion.layers as fl
 from refiners.fluxion.adapters.adapter import Adapter
 from refiners.foundationals.latent_diffusion import SD1UNet, SDXLUNet
 
+from style_aligned.control_routing import RemoveReferenceControl, RestoreReferenceControl
 from style_aligned.group_norm import SharedGroupNormAdapter
 from style_aligned.reference_cache import ReferenceCache
 from style_aligned.references import CheckBatchLayout
 from style_aligned.shared_attention import SharedAttentionAdapter
 from style_aligned.unet_layers import (
+    DOWN_BLOCKS,
     Block,
     SelfAttentionLayer,
     check_unet,
@@ -59,6 +61,7 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
         classifier_free_guidance: bool = True,
         shared_layers: Iterable[int] | None = None,
         shared_blocks: Iterable[Block] | None = None,
+        control_reference: bool = False,
     ) -> None:
         """Initialize the adapter; nothing is changed in the U-Net until `inject`.
 
@@ -75,6 +78,8 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
             classifier_free_guidance: Whether the batch is an unconditional half followed by a conditional half.
             shared_layers: Indices of the self-attention layers to share, instead of `only_self_level`.
             shared_blocks: U-Net blocks (`"down"`, `"mid"`, `"up"`) whose layers to share, instead of the above.
+            control_reference: Whether ControlNets, Control-LoRAs and T2I-Adapters also control the reference (by
+                default the reference gets no control, as in the reference implementation's ControlNet example).
 
         Raises:
             TypeError: If the target is not a U-Net with self-attention layers.
@@ -121,8 +126,13 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
             else ()
         )
 
-        # in a list: not a registered module
+        # in lists: not registered modules
         self._check_batch_layout = [CheckBatchLayout(classifier_free_guidance, self.reference_cache)]
+        self._reference_control = (
+            []
+            if control_reference
+            else [RemoveReferenceControl(classifier_free_guidance, self.reference_cache), RestoreReferenceControl()]
+        )
         with self.setup_adapter(target):
             super().__init__(target)
 
@@ -175,6 +185,10 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
         for adapter, layer_parent in (*self._attention_adapters, *self._group_norm_adapters):
             adapter.inject(layer_parent)
         self.target.insert(0, self._check_batch_layout[0])
+        if self._reference_control:  # just before the down blocks (after every control branch), and last
+            remove, restore = self._reference_control
+            self.target.insert(next(i for i, m in enumerate(self.target) if isinstance(m, DOWN_BLOCKS)), remove)
+            self.target.append(restore)
         self._injected = True
         return super().inject(parent)
 
@@ -187,6 +201,8 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
         if not self._injected:
             raise RuntimeError("this StyleAlignedAdapter is not injected: there is nothing to eject")
         self.target.remove(self._check_batch_layout[0])
+        for layer in self._reference_control:
+            self.target.remove(layer)
         for adapter, _ in (*self._attention_adapters, *self._group_norm_adapters):
             adapter.eject()
         self._injected = False

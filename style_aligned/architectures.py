@@ -12,6 +12,8 @@ from refiners.foundationals.latent_diffusion.stable_diffusion_1.model import SD1
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl import SDXLAutoencoder
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl.text_encoder import DoubleTextEncoder
 
+from style_aligned.controlnet_xl import SDXLControlnet
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -122,6 +124,9 @@ _SD1_CONTROLNET: dict[str, Any] = {
 } | {"conditioning_channels": 3}
 
 
+_SDXL_CONTROLNET: dict[str, Any] = {
+    key: value for key, value in _SDXL_UNET.items() if key not in ("sample_size", "out_channels", "up_block_types")
+} | {"conditioning_channels": 3}
 _CONTROLNET_CHECKED = (
     "in_channels",
     "down_block_types",
@@ -129,6 +134,8 @@ _CONTROLNET_CHECKED = (
     "layers_per_block",
     "cross_attention_dim",
     "conditioning_channels",
+    "addition_embed_type",
+    "transformer_layers_per_block",
 )
 
 
@@ -142,6 +149,10 @@ def _sd1_unet() -> fl.Chain:
 
 def _sd1_controlnet() -> fl.Chain:
     return Controlnet(name="controlnet")
+
+
+def _sdxl_controlnet() -> fl.Chain:
+    return SDXLControlnet(name="controlnet")
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -208,6 +219,15 @@ ARCHITECTURES: dict[str, Architecture] = {
             checked=_CONTROLNET_CHECKED,
             key_map="sd1_controlnet",
             build=_sd1_controlnet,
+            filename="controlnet.safetensors",
+        ),
+        Architecture(
+            name="sdxl_controlnet",
+            description="SDXL ControlNet",
+            configs={".": _SDXL_CONTROLNET},
+            checked=_CONTROLNET_CHECKED,
+            key_map="sdxl_controlnet",
+            build=_sdxl_controlnet,
             filename="controlnet.safetensors",
         ),
     )

@@ -69,6 +69,7 @@ def add_style_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--shared-layers", type=int, nargs="+", metavar="I", help="indices of the layers to share")
     group.add_argument("--shared-blocks", choices=["down", "mid", "up"], nargs="+", help="U-Net blocks to share")
     group.add_argument("--full-attention-share", action="store_true", default=None, help="all images attend to all")
+    group.add_argument("--control-reference", action="store_true", default=None, help="control the reference too")
 
 
 STYLE_OPTIONS = (
@@ -82,6 +83,7 @@ STYLE_OPTIONS = (
     "shared_layers",
     "shared_blocks",
     "full_attention_share",
+    "control_reference",
 )
 
 
@@ -100,6 +102,47 @@ def add_set_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--size", type=size, default=None, metavar="WxH", help="default: 1024 (SDXL), 512 (SD1)")
     group.add_argument("--chunk-size", type=int, default=None, metavar="N", help="targets per batch (default: all)")
     group.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write the images")
+
+
+def add_extras_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("ControlNet, LoRA, IP-Adapter")
+    group.add_argument("--controlnet", type=Path, metavar="FILE", help="a ControlNet converted by `convert`")
+    group.add_argument(
+        "--control", type=Path, action="append", metavar="IMAGE", help="control image: one for all targets or one per"
+    )
+    group.add_argument("--control-scale", type=float, default=1.0, metavar="S", help="ControlNet scale (default: 1)")
+    group.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="a LoRA and its scale (repeat)")
+    group.add_argument("--ip-adapter", type=Path, metavar="FILE", help="IP-Adapter weights (Refiners layout)")
+    group.add_argument("--ip-adapter-encoder", type=Path, metavar="FILE", help="its CLIP ViT-H image encoder")
+    group.add_argument("--ip-adapter-image", type=Path, metavar="IMAGE", help="the image prompt")
+    group.add_argument("--ip-adapter-scale", type=float, default=1.0, metavar="S", help="IP-Adapter scale")
+
+
+def lora(text: str) -> Any:
+    from style_aligned.composition import LoraSpec
+
+    path, _, scale = text.rpartition(":")
+    try:
+        return LoraSpec(Path(path), float(scale)) if path else LoraSpec(Path(text))
+    except ValueError:
+        return LoraSpec(Path(text))
+
+
+def extras(args: argparse.Namespace) -> dict[str, Any]:
+    """The controls, LoRAs and IP-Adapter given on the command line, as `SetSpec` fields."""
+    from style_aligned.composition import ControlSpec, IPAdapterSpec
+
+    if bool(args.controlnet) != bool(args.control):
+        raise ValueError("a ControlNet needs both --controlnet FILE and at least one --control IMAGE")
+    weights, encoder, image = args.ip_adapter, args.ip_adapter_encoder, args.ip_adapter_image
+    if (weights or encoder or image) and not (weights and encoder and image):
+        raise ValueError("an IP-Adapter needs --ip-adapter, --ip-adapter-encoder and --ip-adapter-image")
+    loras: list[str] = args.lora or []
+    return {
+        "controls": [ControlSpec(args.controlnet, list(args.control), args.control_scale)] if args.controlnet else [],
+        "loras": [lora(text) for text in loras],
+        "ip_adapter": IPAdapterSpec(weights, encoder, image, args.ip_adapter_scale) if weights else None,
+    }
 
 
 def load_model(args: argparse.Namespace) -> Any:
@@ -147,6 +190,7 @@ def _generate(args: argparse.Namespace) -> None:
         height=height,
         chunk_size=args.chunk_size,
         style=style_options(args),
+        **extras(args),
     )
     sd = load_model(args)
     spec = spec.resolved(sd)
@@ -171,6 +215,7 @@ def _add_generate(parser: argparse.ArgumentParser) -> None:
     add_set_options(parser)
     parser.add_argument("--reference-prompt", help="prompt of an extra reference image placed first")
     add_style_options(parser)
+    add_extras_options(parser)
     parser.set_defaults(command=_generate)
 
 
@@ -199,6 +244,7 @@ def _transfer(args: argparse.Namespace) -> None:
         offset=args.offset,
         inversion_guidance=args.inversion_guidance,
         fit=args.fit,
+        **extras(args),
     )
     sd = load_model(args)
     spec = spec.resolved(sd)
@@ -249,6 +295,7 @@ def _add_transfer(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--save-trajectory", type=Path, metavar="FILE", help="save the inversion (.safetensors)")
     group.add_argument("--trajectory", type=Path, metavar="FILE", help="reuse a saved inversion instead of --image")
     add_style_options(parser)
+    add_extras_options(parser)
     parser.set_defaults(command=_transfer)
 
 

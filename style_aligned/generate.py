@@ -12,6 +12,7 @@ from refiners.foundationals.latent_diffusion.solvers import DDIM, SolverParams
 from torch import Tensor
 
 from style_aligned.adapter import StyleAlignedAdapter
+from style_aligned.composition import Composition, ControlSpec, Extras, IPAdapterSpec, LoraSpec
 
 StableDiffusion = StableDiffusion_XL | StableDiffusion_1
 
@@ -57,6 +58,9 @@ class SetSpec:
         height: The image height in pixels, a multiple of 8 (default: as `width`).
         chunk_size: How many targets run together (default: all); memory does not grow with the set beyond it.
         style: Options of `StyleAlignedAdapter` (`shared_score_shift`, `share_group_norm`, ...).
+        controls: ControlNets guiding the targets, each with one control image for all targets or one per target.
+        loras: LoRAs applied while the set is generated.
+        ip_adapter: An IP-Adapter image prompt for every image.
     """
 
     prompts: list[str]
@@ -69,6 +73,13 @@ class SetSpec:
     height: int | None = None
     chunk_size: int | None = None
     style: dict[str, Any] = field(default_factory=lambda: {})
+    controls: list[ControlSpec] = field(default_factory=lambda: [])
+    loras: list[LoraSpec] = field(default_factory=lambda: [])
+    ip_adapter: IPAdapterSpec | None = None
+
+    def extras(self) -> Extras:
+        """The ControlNets, LoRAs and IP-Adapter of the set."""
+        return Extras(controls=list(self.controls), loras=list(self.loras), ip_adapter=self.ip_adapter)
 
     def image_prompts(self) -> list[str]:
         """The prompt of every image, the reference first."""
@@ -188,6 +199,7 @@ def denoise_set(
     chunk_size: int | None = None,
     steps: Sequence[int] | None = None,
     after_reference_step: Callable[[int, Tensor], Tensor] | None = None,
+    before_call: Callable[[list[int]], None] | None = None,
     progress: Progress | None = None,
     extra_units: int = 0,
 ) -> Tensor:
@@ -206,6 +218,7 @@ def denoise_set(
         steps: The solver steps to run (default: all of `sd.steps`).
         after_reference_step: Called with (step, reference latent) after each reference step; returns the latent
             to continue from (style transfer makes the reference follow an inversion trajectory this way).
+        before_call: Called with the images of each U-Net call before it (to set per-image control inputs).
         progress: Called after each U-Net call.
         extra_units: Units of work the caller does afterwards, counted in the progress total.
 
@@ -225,6 +238,8 @@ def denoise_set(
     cache = adapter.reference_cache
     with torch.no_grad():
         for step_number, step in enumerate(steps, start=1):
+            if before_call:
+                before_call([0])
             with cache.record():
                 x[:1] = sd(x[:1], step, **conditioning([0]), condition_scale=guidance)
             if after_reference_step is not None:
@@ -232,6 +247,8 @@ def denoise_set(
             report("reference", step_number, 0)
             with cache.replay():
                 for number, chunk in enumerate(chunks, start=1):
+                    if before_call:
+                        before_call(chunk)
                     images = slice(chunk[0], chunk[-1] + 1)
                     x[images] = sd(x[images], step, **conditioning(chunk), condition_scale=guidance)
                     report("targets", step_number, number)
@@ -266,13 +283,24 @@ def generate_set(sd: StableDiffusion, spec: SetSpec, progress: Progress | None =
     solver = sd.solver
     sd.solver = ddim(sd, spec.steps)
     count = len(prompts)
-    adapter.inject()
     try:
-        latents = denoise_set(
-            sd, adapter, latents, conditioning, spec.guidance, spec.chunk_size, progress=progress, extra_units=count
-        )
+        with Composition(sd, spec.extras(), count, spec.width, spec.height) as composition:
+            adapter.inject()
+            try:
+                latents = denoise_set(
+                    sd,
+                    adapter,
+                    latents,
+                    conditioning,
+                    spec.guidance,
+                    spec.chunk_size,
+                    before_call=composition.before_call,
+                    progress=progress,
+                    extra_units=count,
+                )
+            finally:
+                adapter.eject()
     finally:
-        adapter.eject()
         sd.solver = solver
     total = spec.steps * (1 + len(target_chunks(count, spec.chunk_size))) + count
     return GeneratedSet(images=decode(sd, latents, progress, total), prompts=prompts, spec=spec)

@@ -17,13 +17,13 @@ import torch
 from refiners.fluxion.adapters.adapter import Adapter
 from refiners.fluxion.adapters.lora import Conv2dLora, LinearLora, Lora, LoraAdapter
 from refiners.fluxion.layers.chain import generate_unique_names
-from refiners.foundationals.latent_diffusion import StableDiffusion_1, StableDiffusion_XL
+from refiners.foundationals.latent_diffusion import SDXLUNet, StableDiffusion_1, StableDiffusion_XL
 from refiners.foundationals.latent_diffusion.lora import SDLoraManager
 from torch import Tensor
 
 from style_aligned.architectures import ARCHITECTURES, PIPELINES, Architecture
 from style_aligned.key_maps import load_key_map
-from style_aligned.safetensors_io import SafetensorsReader, WeightsError
+from style_aligned.safetensors_io import WeightsError, read_tensors
 
 
 class LoraError(WeightsError):
@@ -252,7 +252,7 @@ class LoraManager(SDLoraManager):
 
     def __init__(self, target: StableDiffusion_XL | StableDiffusion_1) -> None:
         super().__init__(target)
-        self.pipeline = "sdxl" if isinstance(target, StableDiffusion_XL) else "sd1"
+        self.pipeline = "sdxl" if isinstance(target.unet, SDXLUNet) else "sd1"
 
     def add_loras(self, name: str, /, tensors: dict[str, Tensor], scale: float = 1.0) -> None:
         """Attach a LoRA given as a state dict in the diffusers, peft or kohya layout.
@@ -312,5 +312,4 @@ class LoraManager(SDLoraManager):
 
 def load_lora_file(path: Path | str) -> dict[str, Tensor]:
     """Read a LoRA `.safetensors` file (pickle files are refused)."""
-    with SafetensorsReader(path) as reader:
-        return {key: reader.read(key) for key in reader.keys()}
+    return read_tensors(path)

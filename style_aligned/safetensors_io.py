@@ -150,6 +150,12 @@ class SafetensorsReader:
         self.close()
 
 
+def read_tensors(path: Path | str) -> dict[str, Tensor]:
+    """Read every tensor of a `.safetensors` file (pickle files are refused)."""
+    with SafetensorsReader(path) as reader:
+        return {key: reader.read(key) for key in reader.keys()}
+
+
 def write_safetensors(
     path: Path,
     entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],

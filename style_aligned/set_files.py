@@ -26,11 +26,15 @@ def image_name(index: int, prompt: str) -> str:
     return f"{index:02d}-{'reference-' if index == 0 else ''}{slug}.png"
 
 
+def _plain(value: object) -> str:
+    return "(an image given in memory)" if isinstance(value, Image.Image) else str(value)
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically."""
+    """Write JSON atomically (paths as text)."""
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
-        temporary.write_text(json.dumps(data, indent=2) + "\n")
+        temporary.write_text(json.dumps(data, indent=2, default=_plain) + "\n")
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ from PIL import Image
 from torch import Tensor
 
 from style_aligned.adapter import StyleAlignedAdapter
+from style_aligned.composition import Composition
 from style_aligned.generate import (
     GeneratedSet,
     Progress,
@@ -91,21 +92,25 @@ def transfer_latents(
         return reference[max(spec.offset + 1, step - first_step + 1)][None]
 
     previous_solver, sd.solver = sd.solver, solver
-    adapter.inject()
     try:
-        latents = denoise_set(
-            sd,
-            adapter,
-            latents,
-            conditioning,
-            spec.guidance,
-            spec.chunk_size,
-            after_reference_step=follow_trajectory,
-            progress=progress,
-            extra_units=extra_units,
-        )
+        with Composition(sd, spec.extras(), len(prompts), spec.width, spec.height) as composition:
+            adapter.inject()
+            try:
+                latents = denoise_set(
+                    sd,
+                    adapter,
+                    latents,
+                    conditioning,
+                    spec.guidance,
+                    spec.chunk_size,
+                    after_reference_step=follow_trajectory,
+                    before_call=composition.before_call,
+                    progress=progress,
+                    extra_units=extra_units,
+                )
+            finally:
+                adapter.eject()
     finally:
-        adapter.eject()
         sd.solver = previous_solver
     return latents, spec
 

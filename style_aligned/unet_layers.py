@@ -15,8 +15,9 @@ UNet = SD1UNet | SDXLUNet
 
 T = TypeVar("T", bound=fl.Module)
 
+DOWN_BLOCKS = (sd1_unet.DownBlocks, sdxl_unet.DownBlocks)
 _BLOCK_TYPES: dict[Block, tuple[type[fl.Chain], ...]] = {
-    "down": (sd1_unet.DownBlocks, sdxl_unet.DownBlocks),
+    "down": DOWN_BLOCKS,
     "mid": (sd1_unet.MiddleBlock, sdxl_unet.MiddleBlock),
     "up": (sd1_unet.UpBlocks, sdxl_unet.UpBlocks),
 }

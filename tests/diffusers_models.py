@@ -40,8 +40,8 @@ def text_encoder(config_name: str, kind: str, seed: int = 12) -> CLIPTextModel:
     return build(lambda: model_class(config), seed)
 
 
-def controlnet(seed: int = 13) -> ControlNetModel:
-    return build(lambda: ControlNetModel(**CONFIGS["sd1_controlnet"]["."]), seed)
+def controlnet(kind: str = "sd1", seed: int = 13) -> ControlNetModel:
+    return build(lambda: ControlNetModel(**CONFIGS[f"{kind}_controlnet"]["."]), seed)
 
 
 def write_model_index(folder: Path, kind: str) -> None:
