@@ -1,5 +1,6 @@
 """ControlNets, LoRAs and an IP-Adapter applied to a model while a set is generated, and removed afterwards."""
 
+import gc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,3 +217,5 @@ class Composition:
         if self._lora_names:
             LoraManager(self.sd).remove_loras(*self._lora_names)
             self._lora_names.clear()
+        self._ip_embedding = None
+        gc.collect()  # Refiners layers hold reference cycles: free the ejected weights now, not at a later collection
