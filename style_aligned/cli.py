@@ -10,6 +10,7 @@ import torch
 
 from style_aligned.evaluation import add_evaluate_command
 from style_aligned.safetensors_io import WeightsError
+from style_aligned.sweep import add_sweep_command
 
 Command = Callable[[argparse.Namespace], None]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -311,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_command(
         subparsers.add_parser("evaluate", help="score sets: CLIP text alignment and DINO set consistency")
     )
+    add_sweep_command(subparsers.add_parser("sweep", help="generate a set per setting of a grid of options, and plot"))
     return parser
 
 

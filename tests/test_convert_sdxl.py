@@ -83,3 +83,22 @@ def test_sdxl_pipeline_converts_and_matches_diffusers(sdxl_source: dict[str, Any
         assert_close(pooled, outputs["pooled"])
         assert_close(sd.lda[0](inputs["image"]), outputs["encoded"])
         assert_close(sd.lda[1](inputs["latents"]), outputs["decoded"])
+
+
+def test_sdxl_sweep_writes_contact_sheet_table_and_plot(sdxl_source: dict[str, Any], tmp_path: Any) -> None:
+    """`style-aligned sweep` on the random SDXL pipeline (converted on the fly) at 64x64 px with 2 steps."""
+    import gc
+
+    from random_scorers import save_random_scorers
+    from test_sweep import sweep_files
+
+    from style_aligned.cli import main as cli
+
+    gc.collect()  # the previous test's pipeline: one SDXL in memory at a time
+    clip, dino = save_random_scorers(tmp_path / "scorers")
+    out = tmp_path / "sweep"
+    arguments = ["--model", str(sdxl_source["pipeline"]), "--device", "cpu", "--steps", "2", "--size", "64x64"]
+    arguments += ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--grid", "shared-score-shift=0,0.69"]
+    cli(["sweep", *arguments, "--clip", str(clip), "--dino", str(dino), "--out", str(out)])
+    table = sweep_files(out, rows=2, columns=2, options=["shared_score_shift"])
+    assert [float(row["shared_score_shift"]) for row in table] == [0.0, 0.69]
