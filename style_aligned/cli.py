@@ -146,6 +146,22 @@ def extras(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def set_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The `SetSpec` fields of the set and extras options (all but `reference_prompt` and `style`)."""
+    width, height = args.size or (None, None)
+    return {
+        "prompts": args.prompts,
+        "negative_prompt": args.negative_prompt,
+        "seed": args.seed,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "width": width,
+        "height": height,
+        "chunk_size": args.chunk_size,
+        **extras(args),
+    }
+
+
 def load_model(args: argparse.Namespace) -> Any:
     from style_aligned.loading import load_pipeline
 
@@ -179,20 +195,7 @@ def _generate(args: argparse.Namespace) -> None:
     from style_aligned.generate import SetSpec, generate_set
     from style_aligned.set_files import SIDECAR, sidecar, write_json, write_set_images
 
-    width, height = args.size or (None, None)
-    spec = SetSpec(
-        prompts=args.prompts,
-        reference_prompt=args.reference_prompt,
-        negative_prompt=args.negative_prompt,
-        seed=args.seed,
-        steps=args.steps,
-        guidance=args.guidance,
-        width=width,
-        height=height,
-        chunk_size=args.chunk_size,
-        style=style_options(args),
-        **extras(args),
-    )
+    spec = SetSpec(**set_fields(args), reference_prompt=args.reference_prompt, style=style_options(args))
     sd = load_model(args)
     spec = spec.resolved(sd)
     args.out.mkdir(parents=True, exist_ok=True)

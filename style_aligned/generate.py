@@ -256,6 +256,58 @@ def denoise_set(
     return x
 
 
+def denoise_with_extras(
+    sd: StableDiffusion,
+    spec: SetSpec,
+    latents: Tensor,
+    conditioning: SetConditioning,
+    solver: DDIM,
+    progress: Progress | None = None,
+    extra_units: int = 0,
+    after_reference_step: Callable[[int, Tensor], Tensor] | None = None,
+) -> Tensor:
+    """Run `denoise_set` under `solver` with the spec's extras applied and StyleAligned injected, then remove them.
+
+    The model's solver, adapters and weights are as before when this returns, whether it succeeds or fails.
+
+    Args:
+        sd: The model.
+        spec: The resolved set (its `style`, extras, size, guidance and chunk size are used).
+        latents: The initial latents, the reference first.
+        conditioning: The text conditioning of the images.
+        solver: The solver to denoise with.
+        progress: See `denoise_set`.
+        extra_units: See `denoise_set`.
+        after_reference_step: See `denoise_set`.
+
+    Returns:
+        The final latents.
+    """
+    assert spec.width is not None and spec.height is not None and spec.guidance is not None
+    adapter = StyleAlignedAdapter(sd.unet, **spec.style)
+    previous_solver, sd.solver = sd.solver, solver
+    try:
+        with Composition(sd, spec.extras(), latents.shape[0], spec.width, spec.height) as composition:
+            adapter.inject()
+            try:
+                return denoise_set(
+                    sd,
+                    adapter,
+                    latents,
+                    conditioning,
+                    spec.guidance,
+                    spec.chunk_size,
+                    after_reference_step=after_reference_step,
+                    before_call=composition.before_call,
+                    progress=progress,
+                    extra_units=extra_units,
+                )
+            finally:
+                adapter.eject()
+    finally:
+        sd.solver = previous_solver
+
+
 def generate_set(sd: StableDiffusion, spec: SetSpec, progress: Progress | None = None) -> GeneratedSet:
     """Generate a style-consistent set of images.
 
@@ -277,31 +329,10 @@ def generate_set(sd: StableDiffusion, spec: SetSpec, progress: Progress | None =
     spec = spec.resolved(sd)
     assert spec.width is not None and spec.height is not None and spec.guidance is not None
     prompts = spec.image_prompts()
-    adapter = StyleAlignedAdapter(sd.unet, **spec.style)
     conditioning = SetConditioning(sd, prompts, spec.negative_prompt, spec.width, spec.height)
     latents = initial_noise(spec, len(prompts), sd.device, sd.dtype)
-    solver = sd.solver
-    sd.solver = ddim(sd, spec.steps)
     count = len(prompts)
-    try:
-        with Composition(sd, spec.extras(), count, spec.width, spec.height) as composition:
-            adapter.inject()
-            try:
-                latents = denoise_set(
-                    sd,
-                    adapter,
-                    latents,
-                    conditioning,
-                    spec.guidance,
-                    spec.chunk_size,
-                    before_call=composition.before_call,
-                    progress=progress,
-                    extra_units=count,
-                )
-            finally:
-                adapter.eject()
-    finally:
-        sd.solver = solver
+    latents = denoise_with_extras(sd, spec, latents, conditioning, ddim(sd, spec.steps), progress, extra_units=count)
     total = spec.steps * (1 + len(target_chunks(count, spec.chunk_size))) + count
     return GeneratedSet(images=decode(sd, latents, progress, total), prompts=prompts, spec=spec)
 

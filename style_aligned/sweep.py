@@ -362,7 +362,7 @@ def add_sweep_command(parser: argparse.ArgumentParser) -> None:
 
 def run_sweep_command(args: argparse.Namespace) -> None:
     """Run the `sweep` command: check the grid and the scorers' folders, load the model, sweep, print the table."""
-    from style_aligned.cli import ProgressBar, extras, load_model, style_options
+    from style_aligned.cli import ProgressBar, load_model, set_fields, style_options
     from style_aligned.generate import SetSpec
 
     settings = parse_grid(args.grid)
@@ -374,20 +374,7 @@ def run_sweep_command(args: argparse.Namespace) -> None:
     for folder in (args.clip, args.dino):
         if folder is not None and not folder.is_dir():
             raise FileNotFoundError(f"the scorer folder {folder} does not exist")
-    width, height = args.size or (None, None)
-    spec = SetSpec(
-        prompts=args.prompts,
-        reference_prompt=args.reference_prompt,
-        negative_prompt=args.negative_prompt,
-        seed=args.seed,
-        steps=args.steps,
-        guidance=args.guidance,
-        width=width,
-        height=height,
-        chunk_size=args.chunk_size,
-        style=fixed,
-        **extras(args),
-    )
+    spec = SetSpec(**set_fields(args), reference_prompt=args.reference_prompt, style=fixed)
     sd = load_model(args)
     bar = ProgressBar(f"{len(settings)} settings x {len(spec.image_prompts())} images")
     try:

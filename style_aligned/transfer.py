@@ -7,8 +7,6 @@ from typing import Any
 from PIL import Image
 from torch import Tensor
 
-from style_aligned.adapter import StyleAlignedAdapter
-from style_aligned.composition import Composition
 from style_aligned.generate import (
     GeneratedSet,
     Progress,
@@ -17,7 +15,7 @@ from style_aligned.generate import (
     StableDiffusion,
     ddim,
     decode,
-    denoise_set,
+    denoise_with_extras,
     initial_noise,
     target_chunks,
 )
@@ -81,7 +79,6 @@ def transfer_latents(
     solver = ddim(sd, spec.steps)
     trajectory.check_fits(sd, solver, spec.width, spec.height)
     prompts = spec.image_prompts()
-    adapter = StyleAlignedAdapter(sd.unet, **spec.style)
     conditioning = SetConditioning(sd, prompts, spec.negative_prompt, spec.width, spec.height)
     latents = initial_noise(spec, len(prompts), sd.device, sd.dtype)
     reference = trajectory.latents.to(device=sd.device, dtype=sd.dtype)
@@ -91,27 +88,9 @@ def transfer_latents(
     def follow_trajectory(step: int, _: Tensor) -> Tensor:
         return reference[max(spec.offset + 1, step - first_step + 1)][None]
 
-    previous_solver, sd.solver = sd.solver, solver
-    try:
-        with Composition(sd, spec.extras(), len(prompts), spec.width, spec.height) as composition:
-            adapter.inject()
-            try:
-                latents = denoise_set(
-                    sd,
-                    adapter,
-                    latents,
-                    conditioning,
-                    spec.guidance,
-                    spec.chunk_size,
-                    after_reference_step=follow_trajectory,
-                    before_call=composition.before_call,
-                    progress=progress,
-                    extra_units=extra_units,
-                )
-            finally:
-                adapter.eject()
-    finally:
-        sd.solver = previous_solver
+    latents = denoise_with_extras(
+        sd, spec, latents, conditioning, solver, progress, extra_units, after_reference_step=follow_trajectory
+    )
     return latents, spec
 
 

@@ -21,17 +21,8 @@ import torch
 pytest.importorskip("transformers")
 
 from PIL import Image  # noqa: E402
-from tokenizers.pre_tokenizers import ByteLevel  # noqa: E402
-from transformers import (  # noqa: E402
-    CLIPConfig,
-    CLIPImageProcessor,
-    CLIPModel,
-    CLIPProcessor,
-    CLIPTokenizer,
-    ViTConfig,
-    ViTImageProcessor,
-    ViTModel,
-)
+from random_scorers import random_clip  # noqa: E402
+from transformers import ViTConfig, ViTImageProcessor, ViTModel  # noqa: E402
 
 from style_aligned.evaluation import (  # noqa: E402
     ClipScorer,
@@ -53,21 +44,7 @@ SETS = {  # folder: (command, prompts, number of images)
 def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Random CLIP and DINO models with their processors, in memory and saved to folders."""
     root = tmp_path_factory.mktemp("evaluation-models")
-    torch.manual_seed(0)
-    letters = sorted(ByteLevel.alphabet())
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1} | {token: 2 + i for i, token in enumerate(letters)}
-    vocab |= {f"{letter}</w>": len(vocab) + i for i, letter in enumerate(letters)}
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    clip_processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=tokenizer,
-    )
-    text = {"vocab_size": len(vocab), "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1}
-    small = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
-    clip_config = CLIPConfig(
-        text_config=small | text, vision_config=small | {"image_size": 32, "patch_size": 8}, projection_dim=32
-    )
-    clip = CLIPModel(clip_config).eval()
+    clip, clip_processor = random_clip()
     dino_config = ViTConfig(
         hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=8
     )
