@@ -76,3 +76,15 @@ def sd1_converted(sd1_source: dict[str, Any], tmp_path_factory: pytest.TempPathF
     cli(["convert", "--from", str(sd1_source["pipeline"]), "--to", str(destination)])
     yield destination
     shutil.rmtree(destination)
+
+
+@pytest.fixture(scope="module")
+def sd1_pipeline(sd1_converted: Path) -> Any:
+    """The converted random SD1 pipeline, loaded once per test module (a Refiners `StableDiffusion_1`)."""
+    from refiners.foundationals.latent_diffusion import StableDiffusion_1
+
+    from style_aligned.loading import load_pipeline
+
+    model = load_pipeline(sd1_converted)
+    assert isinstance(model, StableDiffusion_1)
+    return model

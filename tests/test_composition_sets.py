@@ -19,7 +19,6 @@ from safetensors.torch import save_file
 from style_aligned.cli import main as cli
 from style_aligned.composition import ControlSpec, IPAdapterSpec, LoraSpec
 from style_aligned.generate import SetSpec, generate_set
-from style_aligned.loading import load_pipeline
 from style_aligned.lora import LoraError
 from style_aligned.random_weights import build_random
 
@@ -27,10 +26,8 @@ PROMPTS = ["a house", "a tree", "a boat"]  # the reference, then two targets
 
 
 @pytest.fixture(scope="module")
-def sd(sd1_converted: Path) -> StableDiffusion_1:
-    model = load_pipeline(sd1_converted)
-    assert isinstance(model, StableDiffusion_1)
-    return model
+def sd(sd1_pipeline: StableDiffusion_1) -> StableDiffusion_1:
+    return sd1_pipeline
 
 
 @pytest.fixture(scope="module")

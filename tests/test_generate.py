@@ -13,16 +13,13 @@ import style_aligned.set_files as set_files
 from style_aligned import SharedAttentionAdapter
 from style_aligned.cli import main as cli
 from style_aligned.generate import ProgressEvent, SetSpec, generate_set
-from style_aligned.loading import load_pipeline
 
 PROMPTS = ["a toy train", "a toy airplane", "a toy bicycle", "a toy car"]
 
 
 @pytest.fixture(scope="module")
-def sd(sd1_converted: Path) -> StableDiffusion_1:
-    model = load_pipeline(sd1_converted)
-    assert isinstance(model, StableDiffusion_1)
-    return model
+def sd(sd1_pipeline: StableDiffusion_1) -> StableDiffusion_1:
+    return sd1_pipeline
 
 
 def pixels(images: list[Image.Image]) -> np.ndarray:

@@ -19,7 +19,6 @@ from transformers import CLIPTextModel  # type: ignore[import-untyped]
 from style_aligned import StyleAlignedAdapter
 from style_aligned.architectures import ARCHITECTURES
 from style_aligned.key_maps import load_key_map
-from style_aligned.loading import load_pipeline
 from style_aligned.lora import LoraError, LoraManager, load_lora_file, sgm_unet_modules
 from style_aligned.safetensors_io import write_safetensors
 
@@ -95,10 +94,8 @@ def merged(model: torch.nn.Module, weights: dict[str, Any], scale: float, use_al
 
 
 @pytest.fixture(scope="module")
-def sd1(sd1_converted: Path) -> StableDiffusion_1:
-    sd = load_pipeline(sd1_converted)
-    assert isinstance(sd, StableDiffusion_1)
-    return sd
+def sd1(sd1_pipeline: StableDiffusion_1) -> StableDiffusion_1:
+    return sd1_pipeline
 
 
 def unet_output(sd: StableDiffusion_1, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -14,7 +14,6 @@ from style_aligned.cli import main as cli
 from style_aligned.generate import ddim
 from style_aligned.images import fit_image
 from style_aligned.inversion import DDIMInversion, ReferenceTrajectory, encode_image, invert
-from style_aligned.loading import load_pipeline
 from style_aligned.transfer import TransferSpec, make_trajectory, transfer_latents, transfer_set
 
 CAPTION = "Man laying in a bed, medieval painting."
@@ -55,10 +54,8 @@ class CpuModel:
 
 
 @pytest.fixture(scope="module")
-def sd(sd1_converted: Path) -> StableDiffusion_1:
-    model = load_pipeline(sd1_converted)
-    assert isinstance(model, StableDiffusion_1)
-    return model
+def sd(sd1_pipeline: StableDiffusion_1) -> StableDiffusion_1:
+    return sd1_pipeline
 
 
 @pytest.fixture(scope="module")
