@@ -55,6 +55,22 @@ def shapes_of(model: nn.Module) -> dict[str, list[int]]:
     return {key: list(value.shape) for key, value in model.state_dict().items()}
 
 
+def meta_conditioning(unet: SD1UNet | SDXLUNet, cross_attention_dim: int) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """Set meta-device conditioning on a Refiners U-Net; return the matching diffusers inputs (x, t, text, kwargs)."""
+    x = torch.randn(1, 4, 32, 32, device=META)
+    timestep = torch.zeros(1, device=META)
+    embedding = torch.randn(1, 77, cross_attention_dim, device=META)
+    unet.set_timestep(timestep=timestep)
+    unet.set_clip_text_embedding(clip_text_embedding=embedding)
+    keyword: dict[str, Any] = {}
+    if isinstance(unet, SDXLUNet):
+        added = {"text_embeds": torch.randn(1, 1280, device=META), "time_ids": torch.randn(1, 6, device=META)}
+        unet.set_time_ids(time_ids=added["time_ids"])
+        unet.set_pooled_text_embedding(pooled_text_embedding=added["text_embeds"])
+        keyword["added_cond_kwargs"] = added
+    return x, timestep, embedding, keyword
+
+
 def unet_map(kind: str) -> tuple[dict[str, str], nn.Module]:
     from diffusers import UNet2DConditionModel  # type: ignore[import-untyped]
 
@@ -62,17 +78,7 @@ def unet_map(kind: str) -> tuple[dict[str, str], nn.Module]:
     with META:
         source = UNet2DConditionModel(**config)
         target = SDXLUNet(in_channels=4) if kind == "sdxl_unet" else SD1UNet(in_channels=4)
-    x = torch.randn(1, 4, 32, 32, device=META)
-    timestep = torch.zeros(1, device=META)
-    embedding = torch.randn(1, 77, config["cross_attention_dim"], device=META)
-    target.set_timestep(timestep=timestep)
-    target.set_clip_text_embedding(clip_text_embedding=embedding)
-    keyword: dict[str, Any] = {}
-    if isinstance(target, SDXLUNet):
-        added = {"text_embeds": torch.randn(1, 1280, device=META), "time_ids": torch.randn(1, 6, device=META)}
-        target.set_time_ids(time_ids=added["time_ids"])
-        target.set_pooled_text_embedding(pooled_text_embedding=added["text_embeds"])
-        keyword["added_cond_kwargs"] = added
+    x, timestep, embedding, keyword = meta_conditioning(target, config["cross_attention_dim"])
     source_args = {"positional": (x, timestep, embedding), "keyword": keyword}
     return trace(source, target, source_args, (x,)), target
 
@@ -144,19 +150,9 @@ def controlnet_map(kind: str) -> tuple[dict[str, str], nn.Module]:
         else:
             adapter = SD1ControlnetAdapter(unet, name="controlnet").inject()
     target = adapter.controlnet
-    x = torch.randn(1, 4, 32, 32, device=META)
+    x, timestep, embedding, source_kwargs = meta_conditioning(unet, config["cross_attention_dim"])
     condition = torch.randn(1, 3, 256, 256, device=META)
-    timestep = torch.zeros(1, device=META)
-    embedding = torch.randn(1, 77, config["cross_attention_dim"], device=META)
     adapter.set_controlnet_condition(condition)
-    unet.set_clip_text_embedding(clip_text_embedding=embedding)
-    unet.set_timestep(timestep=timestep)
-    source_kwargs: dict[str, Any] = {}
-    if isinstance(unet, SDXLUNet):
-        added = {"text_embeds": torch.randn(1, 1280, device=META), "time_ids": torch.randn(1, 6, device=META)}
-        unet.set_time_ids(time_ids=added["time_ids"])
-        unet.set_pooled_text_embedding(pooled_text_embedding=added["text_embeds"])
-        source_kwargs["added_cond_kwargs"] = added
     converter = ModelConverter(source_model=source, target_model=target, skip_output_check=True, verbose=False)
     source_order = converter._trace_module_execution_order(  # pyright: ignore[reportPrivateUsage]
         module=source,

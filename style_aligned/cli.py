@@ -191,23 +191,41 @@ class ProgressBar:
         self._bar.close()
 
 
+def write_set(out: Path, make: Callable[[ProgressBar], Any], details: dict[str, Any], title: str) -> None:
+    """Write a set's sidecar, make the set under a progress bar, then write its images and grid, and print `out`.
+
+    Args:
+        out: The set's folder (created if needed).
+        make: Makes the set (a `GeneratedSet`), reporting to the progress bar it is given.
+        details: The sidecar (see `set_files.sidecar`); written first, so that an interrupted set says what it was.
+        title: The title of the grid image.
+    """
+    from style_aligned.set_files import SIDECAR, write_json, write_set_images
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / SIDECAR, details)
+    bar = ProgressBar(f"{len(details['image_prompts'])} images")
+    try:
+        generated = make(bar)
+    finally:
+        bar.close()
+    write_set_images(out, generated.images, generated.prompts, title=title)
+    print(out)
+
+
 def _generate(args: argparse.Namespace) -> None:
     from style_aligned.generate import SetSpec, generate_set
-    from style_aligned.set_files import SIDECAR, sidecar, write_json, write_set_images
+    from style_aligned.set_files import sidecar
 
     spec = SetSpec(**set_fields(args), reference_prompt=args.reference_prompt, style=style_options(args))
     sd = load_model(args)
     spec = spec.resolved(sd)
-    args.out.mkdir(parents=True, exist_ok=True)
-    prompts = spec.image_prompts()
-    write_json(args.out / SIDECAR, sidecar("generate", spec, prompts, model=str(args.model)))
-    bar = ProgressBar(f"{len(prompts)} images")
-    try:
-        generated = generate_set(sd, spec, progress=bar)
-    finally:
-        bar.close()
-    write_set_images(args.out, generated.images, generated.prompts, title=f"style-aligned set, seed {spec.seed}")
-    print(args.out)
+    write_set(
+        args.out,
+        lambda bar: generate_set(sd, spec, progress=bar),
+        sidecar("generate", spec, spec.image_prompts(), model=str(args.model)),
+        title=f"style-aligned set, seed {spec.seed}",
+    )
 
 
 def _add_generate(parser: argparse.ArgumentParser) -> None:
@@ -227,7 +245,7 @@ def _transfer(args: argparse.Namespace) -> None:
     from PIL import Image, UnidentifiedImageError
 
     from style_aligned.inversion import ReferenceTrajectory
-    from style_aligned.set_files import SIDECAR, sidecar, write_json, write_set_images
+    from style_aligned.set_files import sidecar
     from style_aligned.transfer import TRANSFER_STYLE, TransferSpec, make_trajectory, transfer_set
 
     if args.trajectory is None and (args.image is None or args.caption is None):
@@ -263,7 +281,6 @@ def _transfer(args: argparse.Namespace) -> None:
         if args.save_trajectory:
             trajectory.save(args.save_trajectory)
             print(f"saved the inversion to {args.save_trajectory}", file=sys.stderr)
-    args.out.mkdir(parents=True, exist_ok=True)
     prompts = [trajectory.caption, *spec.prompts]
     details = {
         "model": str(args.model),
@@ -271,14 +288,13 @@ def _transfer(args: argparse.Namespace) -> None:
         "caption": trajectory.caption,
         "trajectory": str(args.trajectory or args.save_trajectory or "") or None,
     }
-    write_json(args.out / SIDECAR, sidecar("transfer", spec, prompts, **details))
-    bar = ProgressBar(f"{len(prompts)} images")
-    try:
-        generated = transfer_set(sd, trajectory, spec, progress=bar)
-    finally:
-        bar.close()
-    write_set_images(args.out, generated.images, generated.prompts, title=f"style transfer, seed {spec.seed}")
-    print(args.out)
+    reference = trajectory
+    write_set(
+        args.out,
+        lambda bar: transfer_set(sd, reference, spec, progress=bar),
+        sidecar("transfer", spec, prompts, **details),
+        title=f"style transfer, seed {spec.seed}",
+    )
 
 
 def _add_transfer(parser: argparse.ArgumentParser) -> None:
