@@ -1,8 +1,8 @@
 """Peak memory of converting a full-size SDXL U-Net, as a ratio to the size of its weights file.
 
 A random-weight diffusers SDXL U-Net (fp32, 2.6 B parameters) is saved in the diffusers layout by one process; a
-second process converts it with `style_aligned.convert.convert` and reports its peak resident memory (ru_maxrss), and
-a third only imports what the second imports, for the fixed cost of Python and torch.
+second process converts it with `style_aligned.weights.convert.convert` and reports its peak resident memory
+(ru_maxrss), and a third only imports what the second imports, for the fixed cost of Python and torch.
 
     python scripts/bench_convert.py [--workdir DIR] [--half]
 
@@ -24,8 +24,8 @@ def save_random_unet(folder: Path) -> None:
     import torch
     from diffusers import UNet2DConditionModel  # type: ignore[import-untyped]
 
-    from style_aligned.architectures import ARCHITECTURES
-    from style_aligned.random_weights import fill_random_
+    from style_aligned.weights.architectures import ARCHITECTURES
+    from style_aligned.weights.random_weights import fill_random_
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**ARCHITECTURES["sdxl_unet"].configs["unet"])
@@ -35,7 +35,7 @@ def save_random_unet(folder: Path) -> None:
 
 
 def convert_unet(source: Path, destination: Path, half: bool) -> None:
-    from style_aligned.convert import convert
+    from style_aligned.weights.convert import convert
 
     start = time.perf_counter()
     convert(source, destination, half=half)
@@ -44,7 +44,7 @@ def convert_unet(source: Path, destination: Path, half: bool) -> None:
 
 
 def import_only() -> None:
-    import style_aligned.convert  # noqa: F401
+    import style_aligned.weights.convert  # noqa: F401
 
     print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 

@@ -27,8 +27,8 @@ from refiners.foundationals.latent_diffusion.stable_diffusion_xl import SDXLAuto
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl.text_encoder import DoubleTextEncoder
 
 from style_aligned import StyleAlignedAdapter
-from style_aligned.generate import SetConditioning, SetSpec, decode, denoise_set, initial_noise
-from style_aligned.random_weights import build_random
+from style_aligned.pipeline.generate import SetConditioning, SetSpec, decode, denoise_set, initial_noise
+from style_aligned.weights.random_weights import build_random
 
 sys.path.insert(0, str(Path(__file__).parent))
 from measure import gib  # noqa: E402

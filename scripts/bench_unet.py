@@ -16,7 +16,7 @@ import torch
 from refiners.foundationals.latent_diffusion import SDXLUNet
 
 from style_aligned import StyleAlignedAdapter
-from style_aligned.random_weights import build_random
+from style_aligned.weights.random_weights import build_random
 
 sys.path.insert(0, str(Path(__file__).parent))
 from measure import Measure, gib, measure  # noqa: E402

@@ -2,7 +2,6 @@
 
 import gc
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,10 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import diffusers_models as dm  # noqa: E402
-import models  # noqa: E402
+from tests.helpers import diffusers_models as dm
+from tests.helpers import models
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -83,7 +80,7 @@ def sd1_pipeline(sd1_converted: Path) -> Any:
     """The converted random SD1 pipeline, loaded once per test module (a Refiners `StableDiffusion_1`)."""
     from refiners.foundationals.latent_diffusion import StableDiffusion_1
 
-    from style_aligned.loading import load_pipeline
+    from style_aligned.weights.loading import load_pipeline
 
     model = load_pipeline(sd1_converted)
     assert isinstance(model, StableDiffusion_1)

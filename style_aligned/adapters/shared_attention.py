@@ -1,0 +1,113 @@
+"""Shared attention for one self-attention layer: the adapter that replaces its scaled dot-product attention."""
+
+import refiners.fluxion.layers as fl
+from refiners.fluxion.adapters.adapter import Adapter
+
+from style_aligned.layers.adain import AdaIN
+from style_aligned.layers.attention import JointScaledDotProductAttention, ShiftedScaledDotProductAttention
+from style_aligned.layers.reference_cache import ReferenceCache
+from style_aligned.layers.references import AppendReferences, ScaleReferences, SplitHalves
+
+
+def _adain(enabled: bool, reference_cache: ReferenceCache) -> fl.Module:
+    return AdaIN(reference_cache=reference_cache) if enabled else fl.Identity()
+
+
+class SharedAttentionAdapter(fl.Chain, Adapter[fl.ScaledDotProductAttention]):
+    """Make one self-attention layer attend to the reference image of each batch half.
+
+    It takes the place of the layer's `fl.ScaledDotProductAttention` and receives the projected queries, keys and
+    values. By default (see [[arXiv:2312.02133] Style Aligned Image Generation via Shared Attention](
+    https://arxiv.org/abs/2312.02133), section 3):
+
+    1. AdaIN maps the queries and keys (and optionally values) of each image onto its reference's statistics;
+    2. the reference's keys (scaled by `shared_score_scale` for the targets) and values are appended to each image's;
+    3. attention runs over the doubled keys, with `shared_score_shift` added to the logits of the appended tokens.
+
+    The reference's output is its plain self-attention output: influence flows from the reference to the targets.
+    With `full_attention_share`, every image attends to all images of its half instead, without AdaIN.
+
+    Receives:
+        Query (Float[Tensor, "batch tokens embedding_dim"]):
+        Key (Float[Tensor, "batch tokens embedding_dim"]):
+        Value (Float[Tensor, "batch tokens embedding_dim"]):
+
+    Returns:
+        (Float[Tensor, "batch tokens embedding_dim"]):
+    """
+
+    def __init__(
+        self,
+        target: fl.ScaledDotProductAttention,
+        adain_queries: bool = True,
+        adain_keys: bool = True,
+        adain_values: bool = False,
+        shared_score_scale: float = 1.0,
+        shared_score_shift: float = 0.0,
+        full_attention_share: bool = False,
+        classifier_free_guidance: bool = True,
+        reference_cache: ReferenceCache | None = None,
+    ) -> None:
+        """Initialize the adapter.
+
+        Args:
+            target: The scaled dot-product attention of a self-attention layer.
+            adain_queries: Whether to apply AdaIN to the queries.
+            adain_keys: Whether to apply AdaIN to the keys.
+            adain_values: Whether to apply AdaIN to the values.
+            shared_score_scale: Factor on the reference keys given to the targets.
+            shared_score_shift: Constant added to the attention logits of the appended reference tokens.
+            full_attention_share: Attend to all images of the half instead (no AdaIN, scale or shift).
+            classifier_free_guidance: Whether the batch is made of an unconditional and a conditional half.
+            reference_cache: Where the references come from (by default, image 0 of each batch half).
+        """
+        cfg = classifier_free_guidance
+        cache = reference_cache or ReferenceCache()
+        self.full_attention_share = full_attention_share
+        layers: list[fl.Module] = (
+            [
+                # (queries, keys, values): (batch, tokens, channels) each
+                JointScaledDotProductAttention(
+                    target.num_heads, cfg, slice_size=target.slice_size, reference_cache=cache
+                ),
+            ]
+            if full_attention_share
+            else [
+                # (queries, keys, values): (batch, tokens, channels) each
+                fl.Distribute(SplitHalves(cfg, cache), SplitHalves(cfg, cache), SplitHalves(cfg, cache)),
+                # (queries, keys, values): (halves, images_per_half, tokens, channels) each, views
+                fl.Distribute(_adain(adain_queries, cache), _adain(adain_keys, cache), _adain(adain_values, cache)),
+                fl.Distribute(
+                    fl.Identity(),
+                    AppendReferences(scale=shared_score_scale, reference_cache=cache),
+                    AppendReferences(reference_cache=cache),
+                ),
+                # (queries, keys, values): keys and values have 2 x tokens, the reference's appended
+                ShiftedScaledDotProductAttention(
+                    target.num_heads, shared_score_shift, slice_size=target.slice_size, reference_cache=cache
+                ),
+                # (batch, tokens, channels)
+            ]
+        )
+        with self.setup_adapter(target):
+            super().__init__(*layers)
+
+    @property
+    def shared_score_scale(self) -> float:
+        """The factor on the reference keys given to the targets."""
+        scale_references = self.find(ScaleReferences)
+        return 1.0 if scale_references is None else scale_references.scale
+
+    @shared_score_scale.setter
+    def shared_score_scale(self, value: float) -> None:
+        self.ensure_find(ScaleReferences).scale = value
+
+    @property
+    def shared_score_shift(self) -> float:
+        """The constant added to the attention logits of the appended reference tokens."""
+        attention = self.find(ShiftedScaledDotProductAttention)
+        return 0.0 if attention is None else attention.shift
+
+    @shared_score_shift.setter
+    def shared_score_shift(self, value: float) -> None:
+        self.ensure_find(ShiftedScaledDotProductAttention).shift = value

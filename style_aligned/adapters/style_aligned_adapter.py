@@ -1,0 +1,231 @@
+"""StyleAligned for a whole U-Net: shared attention in its self-attention layers, optionally shared GroupNorm."""
+
+import math
+from collections.abc import Iterable
+from typing import Generic, TypeVar
+
+import refiners.fluxion.layers as fl
+from refiners.fluxion.adapters.adapter import Adapter
+from refiners.foundationals.latent_diffusion import SD1UNet, SDXLUNet
+
+from style_aligned.adapters.group_norm import SharedGroupNormAdapter
+from style_aligned.adapters.shared_attention import SharedAttentionAdapter
+from style_aligned.adapters.unet_layers import (
+    DOWN_BLOCKS,
+    Block,
+    SelfAttentionLayer,
+    check_unet,
+    own_layers,
+    select_shared_layers,
+    self_attention_layers,
+)
+from style_aligned.layers.control_routing import RemoveReferenceControl, RestoreReferenceControl
+from style_aligned.layers.reference_cache import ReferenceCache
+from style_aligned.layers.references import CheckBatchLayout
+
+T = TypeVar("T", bound="SD1UNet | SDXLUNet")
+
+
+class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
+    """Make the images of a batch share the style of its first image, by shared attention.
+
+    See [[arXiv:2312.02133] Style Aligned Image Generation via Shared Attention](https://arxiv.org/abs/2312.02133).
+    Every chosen self-attention layer of the U-Net gets a `SharedAttentionAdapter`; with `share_group_norm`, every
+    GroupNorm of the U-Net gets a `SharedGroupNormAdapter`. Cross-attention layers are never touched, and layers of
+    side branches inserted by other adapters (ControlNets, Control-LoRAs) are left alone.
+
+    The batch given to the U-Net is `[uncond_0 .. uncond_{n-1} | cond_0 .. cond_{n-1}]` with classifier-free guidance
+    (what `LatentDiffusionModel` builds), or `[image_0 .. image_{n-1}]` without; image 0 of each half is the reference.
+
+    Example:
+        ```py
+        sd = StableDiffusion_XL()
+        adapter = StyleAlignedAdapter(sd.unet, shared_score_shift=math.log(2)).inject()
+        # ... denoise a batch whose first image is the reference ...
+        adapter.eject()
+        ```
+    """
+
+    def __init__(
+        self,
+        target: T,
+        *,
+        adain_queries: bool = True,
+        adain_keys: bool = True,
+        adain_values: bool = False,
+        shared_score_scale: float = 1.0,
+        shared_score_shift: float = 0.0,
+        share_group_norm: bool = False,
+        only_self_level: float = 0.0,
+        full_attention_share: bool = False,
+        classifier_free_guidance: bool = True,
+        shared_layers: Iterable[int] | None = None,
+        shared_blocks: Iterable[Block] | None = None,
+        control_reference: bool = False,
+    ) -> None:
+        """Initialize the adapter; nothing is changed in the U-Net until `inject`.
+
+        Args:
+            target: The U-Net (`SDXLUNet` or `SD1UNet`).
+            adain_queries: Whether to apply AdaIN to the queries.
+            adain_keys: Whether to apply AdaIN to the keys.
+            adain_values: Whether to apply AdaIN to the values.
+            shared_score_scale: Factor on the reference keys given to the targets (> 0; below 1 weakens the style).
+            shared_score_shift: Constant added to the attention logits of the reference tokens (log 2 doubles them).
+            share_group_norm: Whether GroupNorm statistics are taken jointly over each image and its reference.
+            only_self_level: Rough fraction of self-attention layers left unshared, spread evenly, in [0, 1].
+            full_attention_share: Every image attends to all images of its half, without AdaIN (leaks content).
+            classifier_free_guidance: Whether the batch is an unconditional half followed by a conditional half.
+            shared_layers: Indices of the self-attention layers to share, instead of `only_self_level`.
+            shared_blocks: U-Net blocks (`"down"`, `"mid"`, `"up"`) whose layers to share, instead of the above.
+            control_reference: Whether ControlNets, Control-LoRAs and T2I-Adapters also control the reference (by
+                default the reference gets no control, as in the reference implementation's ControlNet example).
+
+        Raises:
+            TypeError: If the target is not a U-Net with self-attention layers.
+            ValueError: If an option is out of range.
+            RuntimeError: If StyleAligned is already injected in the U-Net.
+        """
+        unet = check_unet(target)
+        _check_not_adapted(unet)
+        _check_score_options(shared_score_scale, shared_score_shift, full_attention_share)
+        self._shared_score_scale = shared_score_scale
+        self._shared_score_shift = shared_score_shift
+        self.full_attention_share = full_attention_share
+        self.classifier_free_guidance = classifier_free_guidance
+        self.reference_cache = ReferenceCache()
+        """Where the shared layers find the references: the batch by default, or a recording (see `ReferenceCache`)."""
+        self._injected = False
+
+        self.shared_layers: tuple[SelfAttentionLayer, ...] = tuple(
+            select_shared_layers(self_attention_layers(unet), only_self_level, shared_layers, shared_blocks)
+        )
+        self._attention_adapters = tuple(
+            (
+                SharedAttentionAdapter(
+                    _scaled_dot_product_attention(shared.layer, shared.index),
+                    adain_queries=adain_queries,
+                    adain_keys=adain_keys,
+                    adain_values=adain_values,
+                    shared_score_scale=shared_score_scale,
+                    shared_score_shift=shared_score_shift,
+                    full_attention_share=full_attention_share,
+                    classifier_free_guidance=classifier_free_guidance,
+                    reference_cache=self.reference_cache,
+                ),
+                shared.layer,
+            )
+            for shared in self.shared_layers
+        )
+        self._group_norm_adapters = (
+            tuple(
+                (SharedGroupNormAdapter(group_norm, classifier_free_guidance, self.reference_cache), parent)
+                for group_norm, parent in own_layers(unet, fl.GroupNorm)
+            )
+            if share_group_norm
+            else ()
+        )
+
+        # in lists: not registered modules
+        self._check_batch_layout = [CheckBatchLayout(classifier_free_guidance, self.reference_cache)]
+        self._reference_control = (
+            []
+            if control_reference
+            else [RemoveReferenceControl(classifier_free_guidance, self.reference_cache), RestoreReferenceControl()]
+        )
+        with self.setup_adapter(target):
+            super().__init__(target)
+
+    @property
+    def is_injected(self) -> bool:
+        """Whether the adapter is injected in its U-Net."""
+        return self._injected
+
+    @property
+    def shared_score_scale(self) -> float:
+        """Factor on the reference keys given to the targets; can be changed while injected."""
+        return self._shared_score_scale
+
+    @shared_score_scale.setter
+    def shared_score_scale(self, value: float) -> None:
+        _check_score_options(value, self._shared_score_shift, self.full_attention_share)
+        for adapter, _ in self._attention_adapters:
+            adapter.shared_score_scale = value
+        self._shared_score_scale = value
+
+    @property
+    def shared_score_shift(self) -> float:
+        """Constant added to the attention logits of the reference tokens; can be changed while injected."""
+        return self._shared_score_shift
+
+    @shared_score_shift.setter
+    def shared_score_shift(self, value: float) -> None:
+        _check_score_options(self._shared_score_scale, value, self.full_attention_share)
+        for adapter, _ in self._attention_adapters:
+            adapter.shared_score_shift = value
+        self._shared_score_shift = value
+
+    def inject(self, parent: fl.Chain | None = None) -> "StyleAlignedAdapter[T]":
+        """Put the shared layers in the U-Net.
+
+        Everything is checked before anything changes: on error the U-Net is as it was.
+
+        Raises:
+            RuntimeError: If StyleAligned is already injected in the U-Net, or a layer to adapt is no longer in place.
+        """
+        if self._injected:
+            raise RuntimeError("this StyleAlignedAdapter is already injected: eject it before injecting it again")
+        _check_not_adapted(self.target)
+        for adapter, layer_parent in (*self._attention_adapters, *self._group_norm_adapters):
+            if not any(module is adapter.target for module in layer_parent):
+                raise RuntimeError(
+                    f"{type(adapter.target).__name__} in {type(layer_parent).__name__} is no longer in place: the"
+                    " U-Net changed since this adapter was made; make a new StyleAlignedAdapter"
+                )
+        for adapter, layer_parent in (*self._attention_adapters, *self._group_norm_adapters):
+            adapter.inject(layer_parent)
+        self.target.insert(0, self._check_batch_layout[0])
+        if self._reference_control:  # just before the down blocks (after every control branch), and last
+            remove, restore = self._reference_control
+            self.target.insert(next(i for i, m in enumerate(self.target) if isinstance(m, DOWN_BLOCKS)), remove)
+            self.target.append(restore)
+        self._injected = True
+        return super().inject(parent)
+
+    def eject(self) -> None:
+        """Take the shared layers out of the U-Net, leaving it exactly as before `inject`.
+
+        Raises:
+            RuntimeError: If the adapter is not injected.
+        """
+        if not self._injected:
+            raise RuntimeError("this StyleAlignedAdapter is not injected: there is nothing to eject")
+        self.target.remove(self._check_batch_layout[0])
+        for layer in self._reference_control:
+            self.target.remove(layer)
+        for adapter, _ in (*self._attention_adapters, *self._group_norm_adapters):
+            adapter.eject()
+        self._injected = False
+        super().eject()
+
+
+def _check_not_adapted(unet: fl.Chain) -> None:
+    for adapter_type in (SharedAttentionAdapter, SharedGroupNormAdapter):
+        if next(own_layers(unet, adapter_type), None) is not None:
+            raise RuntimeError("StyleAligned is already injected in this U-Net: eject it first")
+
+
+def _scaled_dot_product_attention(layer: fl.SelfAttention, index: int) -> fl.ScaledDotProductAttention:
+    for module in layer:
+        if isinstance(module, fl.ScaledDotProductAttention):
+            return module
+    raise ValueError(f"self-attention layer {index} has no scaled dot-product attention of its own")
+
+
+def _check_score_options(scale: float, shift: float, full_attention_share: bool) -> None:
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"shared_score_scale must be a finite number > 0, got {scale}")
+    if not math.isfinite(shift):
+        raise ValueError(f"shared_score_shift must be a finite number, got {shift}")
+    if full_attention_share and (scale != 1.0 or shift != 0.0):
+        raise ValueError("shared_score_scale and shared_score_shift have no effect with full_attention_share=True")

@@ -1,0 +1,31 @@
+"""`style-aligned convert`: diffusers weights to Refiners weights."""
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def run_convert(args: argparse.Namespace) -> None:
+    from style_aligned.weights.convert import convert
+
+    written = convert(
+        args.source,
+        args.destination,
+        half=args.half,
+        overwrite=args.overwrite,
+        progress=lambda message: print(message, file=sys.stderr),
+    )
+    for path in written:
+        print(path)
+
+
+def add_convert_command(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Convert a diffusers folder (an SD1 or SDXL pipeline with unet/, text_encoder/, [text_encoder_2/,] vae/;"
+        " or a ControlNet) to one Refiners .safetensors file per model. Only safetensors weights are read."
+    )
+    parser.add_argument("--from", dest="source", type=Path, required=True, metavar="SRC_DIR", help="diffusers folder")
+    parser.add_argument("--to", dest="destination", type=Path, required=True, metavar="DST_DIR", help="output folder")
+    parser.add_argument("--half", action="store_true", help="store floating-point weights as float16")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing files in DST_DIR")
+    parser.set_defaults(command=run_convert)

@@ -1,0 +1,42 @@
+"""`style-aligned generate`: a style-consistent set from prompts."""
+
+import argparse
+
+from style_aligned.cli.options import (
+    add_extras_options,
+    add_model_options,
+    add_set_options,
+    add_style_options,
+    load_model,
+    set_fields,
+    style_options,
+    write_set,
+)
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    from style_aligned.pipeline.generate import SetSpec, generate_set
+    from style_aligned.pipeline.set_files import sidecar
+
+    spec = SetSpec(**set_fields(args), reference_prompt=args.reference_prompt, style=style_options(args))
+    sd = load_model(args)
+    spec = spec.resolved(sd)
+    write_set(
+        args.out,
+        lambda bar: generate_set(sd, spec, progress=bar),
+        sidecar("generate", spec, spec.image_prompts(), model=str(args.model)),
+        title=f"style-aligned set, seed {spec.seed}",
+    )
+
+
+def add_generate_command(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Generate a style-consistent set: the first image (--reference-prompt, or the first --prompt) is the"
+        " reference, the others share its style. Writes one PNG per image, a labelled grid.png and set.json."
+    )
+    add_model_options(parser)
+    add_set_options(parser)
+    parser.add_argument("--reference-prompt", help="prompt of an extra reference image placed first")
+    add_style_options(parser)
+    add_extras_options(parser)
+    parser.set_defaults(command=run_generate)

@@ -1,0 +1,329 @@
+"""Sweep StyleAligned options: one prompt set per setting of a grid, a contact sheet, and, scored, the paper's Fig. 6.
+
+Every setting's set is written like a `generate` set (images, grid.png, set.json), so `style-aligned evaluate` reads
+them too. With CLIP and DINO models, each set is scored and the sweep gets a table and a plot of set consistency
+against text alignment, one point per setting.
+"""
+
+import csv
+import io
+import itertools
+import math
+import textwrap
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+from style_aligned.evaluation.scoring import ClipScorer, DinoScorer, SetScores, evaluate_set, read_set
+
+if TYPE_CHECKING:
+    from style_aligned.pipeline.generate import Progress, ProgressEvent, SetSpec, StableDiffusion
+
+NUMBER_OPTIONS = ("shared_score_scale", "shared_score_shift", "only_self_level")
+BOOLEAN_OPTIONS = tuple(
+    "adain_queries adain_keys adain_values share_group_norm full_attention_share control_reference".split()
+)
+OPTIONS = (*NUMBER_OPTIONS, *BOOLEAN_OPTIONS)
+"""The `StyleAlignedAdapter` options a grid can vary."""
+BOOLEANS = {"true": True, "on": True, "yes": True, "1": True, "false": False, "off": False, "no": False, "0": False}
+CONTACT_SHEET, SUMMARY, PLOT = "contact-sheet.png", "sweep.json", "sweep.png"
+CSV_TABLE, MARKDOWN_TABLE = "sweep.csv", "sweep.md"
+MARGIN = 8
+
+
+def _value(name: str, text: str) -> bool | float:
+    if name in BOOLEAN_OPTIONS:
+        if text.lower() not in BOOLEANS:
+            raise ValueError(f"{name} takes true/false, on/off, yes/no or 1/0, got {text!r}")
+        return BOOLEANS[text.lower()]
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{name} takes numbers, got {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} takes finite numbers, got {text!r}")
+    return value
+
+
+def parse_grid(items: Sequence[str]) -> list[dict[str, Any]]:
+    """Parse `NAME=V1,V2,...` items into the settings of their Cartesian product.
+
+    Args:
+        items: One item per option: a `StyleAlignedAdapter` option (see `OPTIONS`; `-` may stand for `_`) and its
+            values, numbers or, for a boolean option, true/false, on/off, yes/no, 1/0.
+
+    Returns:
+        One `{name: value}` setting per combination, the first item's values varying slowest.
+
+    Raises:
+        ValueError: If an item is malformed, names an unknown option or one given before, or has an empty, invalid
+            or repeated value.
+    """
+    if not items:
+        raise ValueError("a sweep needs at least one --grid NAME=V1,V2,... item")
+    axes: dict[str, list[bool | float]] = {}
+    for item in items:
+        name, separator, values = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not separator or not name:
+            raise ValueError(f"expected NAME=V1,V2,... (e.g. shared_score_shift=0,0.69), got {item!r}")
+        if name not in OPTIONS:
+            raise ValueError(f"unknown option {name!r} in {item!r}: choose among {', '.join(OPTIONS)}")
+        if name in axes:
+            raise ValueError(f"{name} is given twice: give all its values in one NAME=V1,V2,... item")
+        texts = [text.strip() for text in values.split(",")]
+        if not all(texts):
+            raise ValueError(f"{item!r} has an empty value: expected {name}=V1,V2,...")
+        parsed = [_value(name, text) for text in texts]
+        if len(set(parsed)) != len(parsed):
+            raise ValueError(f"{item!r} repeats a value")
+        axes[name] = parsed
+    return [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def setting_label(setting: Mapping[str, Any]) -> str:
+    """A setting as text, e.g. `shared_score_shift=0.693147, share_group_norm=on`."""
+    return ", ".join(f"{name}={_text(value)}" for name, value in setting.items()) or "defaults"
+
+
+def contact_sheet(
+    rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str], column_labels: Sequence[str], max_size: int = 384
+) -> Image.Image:
+    """Lay out rows of images on a white sheet, with column labels on top and each row's label above it.
+
+    Images larger than `max_size` are scaled down to fit in it. With `w` x `h` the size of the images on the sheet,
+    `f = max(10, min(18, w // 16))` the font size and `s = 2 * (f + 3) + 6` the height of a label (two lines, longer
+    labels are cut), the sheet is `8 + columns * (w + 8)` pixels wide and `8 + s + rows * (s + h + 8)` tall.
+
+    Args:
+        rows: The rows, each with one image per column, all of one size.
+        row_labels: One label per row.
+        column_labels: One label per column.
+        max_size: The largest width or height of an image on the sheet.
+
+    Returns:
+        The contact sheet.
+
+    Raises:
+        ValueError: If the rows, columns and labels do not match.
+    """
+    columns = len(column_labels)
+    if not rows or len(rows) != len(row_labels) or any(len(row) != columns for row in rows) or not columns:
+        raise ValueError("contact_sheet needs one label per row and per column, and as many images in every row")
+    width, height = rows[0][0].size
+    scale = min(1.0, max_size / max(width, height))
+    width, height = max(1, round(width * scale)), max(1, round(height * scale))
+    font_size = max(10, min(18, width // 16))
+    font = ImageFont.load_default(size=font_size)
+    strip = 2 * (font_size + 3) + 6
+    sheet_width = MARGIN + columns * (width + MARGIN)
+    sheet = Image.new("RGB", (sheet_width, MARGIN + strip + len(rows) * (strip + height + MARGIN)), "white")
+    draw = ImageDraw.Draw(sheet)
+
+    def label(text: str, x: int, y: int, room: int) -> None:
+        lines = textwrap.wrap(text, max(8, int(room / (font_size * 0.55))), max_lines=2, placeholder=" ...")
+        for number, line in enumerate(lines):
+            draw.text((x, y + 3 + number * (font_size + 3)), line, fill="black", font=font)
+
+    for column, text in enumerate(column_labels):
+        label(text, MARGIN + column * (width + MARGIN), MARGIN, width)
+    for row, (images, text) in enumerate(zip(rows, row_labels, strict=True)):
+        y = MARGIN + strip + row * (strip + height + MARGIN)
+        label(text, MARGIN, y, sheet_width - 2 * MARGIN)
+        for column, image in enumerate(images):
+            cell = image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+            sheet.paste(cell, (MARGIN + column * (width + MARGIN), y + strip))
+    return sheet
+
+
+def plot_consistency(points: Sequence[tuple[str, float, float]], path: Path) -> None:
+    """Write a PNG of set consistency (y) against text alignment (x), one numbered point per setting, with a key.
+
+    The figure is 640 pixels wide and `420 + 20 * len(points)` tall.
+
+    Args:
+        points: `(label, text alignment, consistency)` per setting; points with a NaN are listed but not drawn.
+        path: The PNG file.
+
+    Raises:
+        ImportError: If matplotlib is not installed.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError("the sweep plot needs matplotlib: pip install 'style-aligned[eval]'") from None
+    from style_aligned.pipeline.images import save_png
+
+    pixels = 420 + 20 * len(points)
+    figure: Any = Figure(figsize=(6.4, pixels / 100), dpi=100)  # matplotlib's stubs leave **kwargs untyped
+    key = 20 + 20 * len(points)
+    axes: Any = figure.add_axes((0.12, (key + 60) / pixels, 0.83, 300 / pixels))
+    for number, (_, alignment, consistency) in enumerate(points, start=1):
+        if not (math.isnan(alignment) or math.isnan(consistency)):
+            axes.scatter([alignment], [consistency], s=36, zorder=2)
+            axes.annotate(str(number), (alignment, consistency), xytext=(5, 4), textcoords="offset points")
+    axes.set_xlabel("text alignment (CLIP)")
+    axes.set_ylabel("set consistency (DINO)")
+    axes.set_title("consistency against text alignment, one point per setting")
+    axes.grid(True, alpha=0.3)
+    lines = [f"{number}: {label}" for number, (label, *_) in enumerate(points, start=1)]
+    figure.text(0.02, key / pixels, "\n".join(lines), va="top", fontsize=8, linespacing=1.6)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    save_png(Image.open(buffer), path)
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """What a sweep wrote: a set folder per setting, the contact sheet, and, when scored, the table and plot.
+
+    Attributes:
+        settings: The options of each setting, in order.
+        labels: Each setting as text (see `setting_label`).
+        folders: The set folder of each setting.
+        contact_sheet: The contact sheet.
+        scores: The scores of each setting's set (`name` is its label), when scored.
+        csv: The CSV table, when scored.
+        markdown: The Markdown table, when scored.
+        plot: The consistency-text alignment plot, when scored.
+    """
+
+    settings: list[dict[str, Any]]
+    labels: list[str]
+    folders: list[Path]
+    contact_sheet: Path
+    scores: list[SetScores] | None = None
+    csv: Path | None = None
+    markdown: Path | None = None
+    plot: Path | None = None
+
+
+def _offset(progress: "Progress | None", index: int, count: int) -> "Progress | None":
+    if progress is None:
+        return None
+
+    def report(event: "ProgressEvent") -> None:
+        progress(replace(event, done=index * event.total + event.done, total=count * event.total))
+
+    return report
+
+
+def _json(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def _tables(settings: list[dict[str, Any]], scores: list[SetScores], csv_path: Path) -> str:
+    names = list(dict.fromkeys(name for setting in settings for name in setting))
+    with csv_path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["setting", *names, "images", "text_alignment", "dino_consistency", "path"])
+        for number, (setting, row) in enumerate(zip(settings, scores, strict=True), start=1):
+            values = [setting.get(name, "") for name in names]
+            writer.writerow([number, *values, row.images, row.text_alignment, row.consistency, row.path])
+    lines = [f"| # | {' | '.join(names)} | text alignment (CLIP) | set consistency (DINO) |"]
+    lines.append("|---:|" + "---|" * len(names) + "---:|---:|")
+    for number, (setting, row) in enumerate(zip(settings, scores, strict=True), start=1):
+        values = [_text(setting[name]) if name in setting else "" for name in names]
+        metrics = ["n/a" if math.isnan(value) else f"{value:.4f}" for value in (row.text_alignment, row.consistency)]
+        lines.append(f"| {number} | {' | '.join([*values, *metrics])} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_sweep(
+    sd: "StableDiffusion",
+    spec: "SetSpec",
+    settings: Sequence[Mapping[str, Any]],
+    out: Path,
+    progress: "Progress | None" = None,
+    clip: Path | None = None,
+    dino: Path | None = None,
+    text_until: str | None = None,
+    details: Mapping[str, Any] | None = None,
+) -> SweepResult:
+    """Generate `spec`'s set once per setting into `out/NN-<setting>/`, then the contact sheet, table and plot.
+
+    Every setting is checked, and the scorers loaded, before the first set is generated. Each set is written like a
+    `generate` set, its sidecar recording the setting; images are written atomically, so an interrupted sweep leaves
+    its finished sets intact. `out/sweep.json` lists the settings (and their scores, once scored).
+
+    Args:
+        sd: The model (see `style_aligned.weights.loading.load_pipeline`).
+        spec: The set; its `style` holds the options that every setting shares.
+        settings: The `StyleAlignedAdapter` options of each set (e.g. from `parse_grid`), over `spec.style`.
+        out: The output folder.
+        progress: Called as the work proceeds, over the whole sweep.
+        clip: A CLIP folder to score the sets (with `dino`), see `evaluation.ClipScorer`.
+        dino: A DINO folder, see `evaluation.DinoScorer`.
+        text_until: See `evaluation.evaluate_set`.
+        details: More fields for the sidecars (e.g. the model's path).
+
+    Returns:
+        What was written.
+
+    Raises:
+        ValueError: If there is no setting, an option is out of range, only one of `clip` and `dino` is given, or
+            a scored set has fewer than two images.
+        FileNotFoundError: If a scorer's folder is missing.
+    """
+    from style_aligned.adapters.style_aligned_adapter import StyleAlignedAdapter
+    from style_aligned.pipeline.generate import generate_set
+    from style_aligned.pipeline.images import save_png
+    from style_aligned.pipeline.set_files import SIDECAR, sidecar, write_json, write_set_images
+
+    plain = [dict(setting) for setting in settings]
+    if not plain:
+        raise ValueError("a sweep needs at least one setting")
+    if (clip is None) != (dino is None):
+        raise ValueError("scoring a sweep needs both a CLIP and a DINO folder (--clip and --dino), or neither")
+    spec = spec.resolved(sd)
+    specs = [replace(spec, style={**spec.style, **setting}).resolved(sd) for setting in plain]
+    for setting_spec in specs:
+        StyleAlignedAdapter(sd.unet, **setting_spec.style)  # checks the options; nothing changes until injected
+    prompts = spec.image_prompts()
+    scorers = None
+    if clip is not None and dino is not None:
+        if len(prompts) < 2:
+            raise ValueError("set consistency needs at least two images per set: give more prompts")
+        scorers = ClipScorer(clip, sd.device), DinoScorer(dino, sd.device)
+    labels = [setting_label(setting) for setting in plain]
+    folders = [out / f"{number:02d}-{label.replace(', ', ',')}" for number, label in enumerate(labels, start=1)]
+    summary = {
+        k: v for k, v in sidecar("sweep", spec, prompts, **(details or {})).items() if k not in ("images", "grid")
+    }
+    entries: list[dict[str, Any]] = [
+        {"setting": setting, "label": label, "folder": folder.name}
+        for setting, label, folder in zip(plain, labels, folders, strict=True)
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / SUMMARY, summary | {"settings": entries, "contact_sheet": CONTACT_SHEET})
+    rows: list[list[Image.Image]] = []
+    for index, (setting_spec, entry, folder) in enumerate(zip(specs, entries, folders, strict=True)):
+        folder.mkdir(exist_ok=True)
+        sweep = {"index": index + 1, "count": len(specs), **entry}
+        write_json(folder / SIDECAR, sidecar("generate", setting_spec, prompts, **(details or {}), sweep=sweep))
+        generated = generate_set(sd, setting_spec, progress=_offset(progress, index, len(specs)))
+        write_set_images(folder, generated.images, prompts, title=f"{entry['label']}, seed {spec.seed}")
+        rows.append(generated.images)
+    columns = [f"reference: {prompts[0]}", *prompts[1:]]
+    save_png(contact_sheet(rows, [f"{n}. {label}" for n, label in enumerate(labels, 1)], columns), out / CONTACT_SHEET)
+    result = SweepResult(plain, labels, folders, out / CONTACT_SHEET)
+    if scorers is None:
+        return result
+    pairs = list(zip(folders, labels, strict=True))
+    scores = [evaluate_set(read_set(folder), *scorers, name=label, text_until=text_until) for folder, label in pairs]
+    (out / MARKDOWN_TABLE).write_text(_tables(plain, scores, out / CSV_TABLE))
+    plot_consistency([(row.name, row.text_alignment, row.consistency) for row in scores], out / PLOT)
+    for entry, row in zip(entries, scores, strict=True):
+        entry.update(text_alignment=_json(row.text_alignment), dino_consistency=_json(row.consistency))
+    outputs = {"settings": entries, "contact_sheet": CONTACT_SHEET, "table": CSV_TABLE, "plot": PLOT}
+    write_json(out / SUMMARY, summary | outputs)
+    return replace(result, scores=scores, csv=out / CSV_TABLE, markdown=out / MARKDOWN_TABLE, plot=out / PLOT)

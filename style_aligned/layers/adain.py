@@ -1,0 +1,52 @@
+"""Adaptive instance normalisation of every image's features onto its half's reference image."""
+
+import refiners.fluxion.layers as fl
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from style_aligned.layers.reference_cache import ReferenceCache
+
+
+class AdaIN(fl.Module):
+    """Give every image's features the token statistics of its half's reference image.
+
+    `adain(x) = (x - mean(x)) / std(x) * std(ref(x)) + mean(ref(x))`, with mean and standard deviation over the
+    token axis, per channel, and `std = sqrt(unbiased variance + epsilon)`. The reference maps onto itself.
+
+    See [[arXiv:1703.06868] Arbitrary Style Transfer in Real-time with Adaptive Instance Normalization](
+    https://arxiv.org/abs/1703.06868) and [[arXiv:2312.02133] Style Aligned Image Generation via Shared Attention](
+    https://arxiv.org/abs/2312.02133) (section 3).
+
+    Receives:
+        (Float[Tensor, "halves images_per_half tokens channels"]): Queries, keys or values of every image, by half.
+
+    Returns:
+        (Float[Tensor, "halves images_per_half tokens channels"]): The same features, renormalised onto the
+            reference statistics.
+    """
+
+    def __init__(self, epsilon: float = 1e-5, reference_cache: ReferenceCache | None = None) -> None:
+        """Initialize the layer.
+
+        Args:
+            epsilon: Added to the variance before the square root.
+            reference_cache: Where the reference statistics come from (by default, image 0 of each batch half).
+        """
+        super().__init__()
+        self.epsilon = epsilon
+        self.reference_cache = reference_cache or ReferenceCache()
+
+    def forward(
+        self, x: Float[Tensor, "halves images_per_half tokens channels"]
+    ) -> Float[Tensor, "halves images_per_half tokens channels"]:
+        # Unbiased variance; a single token has none, so it gets the reference's mean (the limit as variance -> 0).
+        correction = 1 if x.shape[-2] > 1 else 0
+        variance, mean = torch.var_mean(x, dim=-2, keepdim=True, correction=correction)  # (halves, per_half, 1, C)
+        std = (variance + self.epsilon).sqrt()
+        references = self.reference_cache.references(self, torch.cat([mean, std], dim=-2))  # (halves, 1, 2, C)
+        reference_mean, reference_std = references.chunk(2, dim=-2)
+        # x * (ref_std / std) + (ref_mean - mean * ref_std / std): the reference rows get factor 1 and offset 0 exactly.
+        factor = reference_std / std
+        offset = reference_mean - mean * factor
+        return torch.addcmul(offset, x, factor)

@@ -1,0 +1,74 @@
+"""A generated set on disk: one PNG per image, a labelled grid, and a JSON sidecar of every parameter."""
+
+import json
+import os
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from style_aligned.pipeline.generate import SetSpec
+from style_aligned.pipeline.images import labelled_grid, save_png
+
+SIDECAR = "set.json"
+GRID = "grid.png"
+
+
+def image_name(index: int, prompt: str) -> str:
+    """The file name of image `index` (0 is the reference), e.g. `01-a-toy-train.png`."""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48].rstrip("-") or "image"
+    return f"{index:02d}-{'reference-' if index == 0 else ''}{slug}.png"
+
+
+def _plain(value: object) -> str:
+    return "(an image given in memory)" if isinstance(value, Image.Image) else str(value)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (paths as text)."""
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        temporary.write_text(json.dumps(data, indent=2, default=_plain) + "\n")
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def sidecar(command: str, spec: SetSpec, prompts: Sequence[str], **details: Any) -> dict[str, Any]:
+    """Everything needed to reproduce a set: the command, the settings, the image files and the versions."""
+    return {
+        "command": command,
+        **{key: value for key, value in asdict(spec).items()},
+        "image_prompts": list(prompts),
+        "images": [image_name(index, prompt) for index, prompt in enumerate(prompts)],
+        "grid": GRID,
+        **details,
+        "versions": {name: version(name) for name in ("style-aligned", "refiners")} | {"torch": torch.__version__},
+    }
+
+
+def write_set_images(directory: Path, images: Sequence[Image.Image], prompts: Sequence[str], title: str) -> None:
+    """Write each image (atomically, so an interruption never leaves a partial file), then the labelled grid."""
+    for index, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
+        save_png(image, directory / image_name(index, prompt))
+    labels = [f"reference: {prompts[0]}", *prompts[1:]]
+    save_png(labelled_grid(images, labels, title=title), directory / GRID)
+
+
+def read_sidecar(directory: Path) -> dict[str, Any]:
+    """Read the sidecar of a set written by `generate` or `transfer`.
+
+    Raises:
+        FileNotFoundError: If the folder holds no set.
+    """
+    path = directory / SIDECAR
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} holds no {SIDECAR}: it is not a set written by style-aligned")
+    return json.loads(path.read_text())

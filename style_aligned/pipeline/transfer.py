@@ -1,0 +1,124 @@
+"""Style transfer from a real image: the reference row follows the image's DDIM inversion trajectory."""
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from PIL import Image
+from torch import Tensor
+
+from style_aligned.pipeline.generate import (
+    GeneratedSet,
+    Progress,
+    SetConditioning,
+    SetSpec,
+    StableDiffusion,
+    ddim,
+    decode,
+    denoise_with_extras,
+    initial_noise,
+    target_chunks,
+)
+from style_aligned.pipeline.images import Fit
+from style_aligned.pipeline.inversion import ReferenceTrajectory, encode_image, invert
+
+TRANSFER_STYLE: dict[str, Any] = {"shared_score_shift": math.log(2), "share_group_norm": True}
+"""The reference implementation's transfer example: shared GroupNorm, AdaIN on Q and K, shift log 2."""
+TRANSFER_GUIDANCE = 10.0
+INVERSION_GUIDANCE = 2.0
+OFFSET = 5
+
+
+@dataclass
+class TransferSpec(SetSpec):
+    """A set in the style of a real image; `prompts` are the targets, the image's caption is the reference prompt.
+
+    Attributes:
+        offset: The reference starts from the trajectory's latent at this index (5 of 50 in the reference example)
+            and is held at index `offset + 1` until the schedule reaches it.
+        inversion_guidance: The guidance scale of the inversion.
+        fit: How the image is fitted to the size: `"crop"` (cover, centre crop) or `"resize"` (stretch).
+    """
+
+    offset: int = OFFSET
+    inversion_guidance: float = INVERSION_GUIDANCE
+    fit: Fit = "crop"
+    style: dict[str, Any] = field(default_factory=lambda: dict(TRANSFER_STYLE))
+
+    def resolved(self, sd: StableDiffusion) -> "TransferSpec":
+        spec = replace(self, guidance=TRANSFER_GUIDANCE if self.guidance is None else self.guidance)
+        resolved = SetSpec.resolved(spec, sd)
+        assert isinstance(resolved, TransferSpec)
+        if not 0 <= resolved.offset < resolved.steps:
+            raise ValueError(f"offset must be in [0, steps), got {resolved.offset} for {resolved.steps} steps")
+        return resolved
+
+
+def make_trajectory(sd: StableDiffusion, image: Image.Image, caption: str, spec: TransferSpec) -> ReferenceTrajectory:
+    """Encode and invert a reference image for the sets of `spec` (its size, steps and fit)."""
+    spec = spec.resolved(sd)
+    assert spec.width is not None and spec.height is not None
+    latents = encode_image(sd, image, spec.width, spec.height, spec.fit)
+    return invert(sd, latents, caption, ddim(sd, spec.steps), spec.inversion_guidance, spec.width, spec.height)
+
+
+def transfer_latents(
+    sd: StableDiffusion,
+    trajectory: ReferenceTrajectory,
+    spec: TransferSpec,
+    progress: Progress | None = None,
+    extra_units: int = 0,
+) -> tuple[Tensor, TransferSpec]:
+    """Denoise a set in the style of an inverted reference image; see `transfer_set`.
+
+    Returns:
+        The final latents (the reference first) and the resolved spec.
+    """
+    spec = replace(spec.resolved(sd), reference_prompt=trajectory.caption)
+    assert spec.width is not None and spec.height is not None and spec.guidance is not None
+    solver = ddim(sd, spec.steps)
+    trajectory.check_fits(sd, solver, spec.width, spec.height)
+    prompts = spec.image_prompts()
+    conditioning = SetConditioning(sd, prompts, spec.negative_prompt, spec.width, spec.height)
+    latents = initial_noise(spec, len(prompts), sd.device, sd.dtype)
+    reference = trajectory.latents.to(device=sd.device, dtype=sd.dtype)
+    latents[0] = reference[spec.offset]
+    first_step = solver.first_inference_step
+
+    def follow_trajectory(step: int, _: Tensor) -> Tensor:
+        return reference[max(spec.offset + 1, step - first_step + 1)][None]
+
+    latents = denoise_with_extras(
+        sd, spec, latents, conditioning, solver, progress, extra_units, after_reference_step=follow_trajectory
+    )
+    return latents, spec
+
+
+def transfer_set(
+    sd: StableDiffusion,
+    trajectory: ReferenceTrajectory,
+    spec: TransferSpec,
+    progress: Progress | None = None,
+) -> GeneratedSet:
+    """Generate a set in the style of an inverted reference image.
+
+    Image 0 is the reference: it starts from the trajectory's latent at `spec.offset` and, after every denoising step
+    `i`, its latent becomes the trajectory's latent at `max(offset + 1, i + 1)`, so that its final latent is the
+    encoded image. The targets share its attention as in `generate_set`.
+
+    Args:
+        sd: The model.
+        trajectory: The reference's inversion (see `make_trajectory`), for this model, schedule and size.
+        spec: The targets and settings; its `reference_prompt` is ignored (the trajectory's caption is used).
+        progress: Called as the work proceeds.
+
+    Returns:
+        The images, the reference (the reconstructed input image) first.
+
+    Raises:
+        ValueError: If a setting is out of range or the trajectory does not fit the model, schedule or size.
+    """
+    count = len(spec.prompts) + 1
+    latents, spec = transfer_latents(sd, trajectory, spec, progress, extra_units=count)
+    total = spec.steps * (1 + len(target_chunks(count, spec.chunk_size))) + count
+    return GeneratedSet(images=decode(sd, latents, progress, total), prompts=spec.image_prompts(), spec=spec)
