@@ -16,6 +16,7 @@ import torch
 from refiners.foundationals.latent_diffusion import SDXLUNet
 
 from style_aligned import StyleAlignedAdapter
+from style_aligned.options import StyleAlignedOptions
 from style_aligned.weights.random_weights import build_random
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -57,7 +58,7 @@ def main() -> None:
         x = torch.randn(8, 4, size, size, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
         results: dict[str, Measure] = {}
         for name, options in VARIANTS.items():
-            adapter = None if options is None else StyleAlignedAdapter(unet, **options).inject()
+            adapter = None if options is None else StyleAlignedAdapter(unet, StyleAlignedOptions(**options)).inject()
             results[name] = measure(lambda x=x: call(unet, x), device, repeat=args.repeat)
             if adapter is not None:
                 adapter.eject()

@@ -14,6 +14,7 @@ from style_aligned.layers.references import (
     ScaleReferences,
     SplitHalves,
 )
+from style_aligned.options import StyleAlignedOptions
 
 __all__ = [
     "AdaIN",
@@ -29,5 +30,6 @@ __all__ = [
     "SharedGroupNormAdapter",
     "ShiftedScaledDotProductAttention",
     "StyleAlignedAdapter",
+    "StyleAlignedOptions",
     "self_attention_layers",
 ]

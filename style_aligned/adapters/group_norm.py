@@ -30,18 +30,18 @@ class SharedGroupNormAdapter(fl.Chain, Adapter[fl.GroupNorm]):
     def __init__(
         self,
         target: fl.GroupNorm,
-        classifier_free_guidance: bool = True,
-        reference_cache: ReferenceCache | None = None,
+        classifier_free_guidance: bool,
+        reference_cache: ReferenceCache,
     ) -> None:
         """Initialize the adapter.
 
         Args:
             target: The GroupNorm layer to share.
             classifier_free_guidance: Whether the batch is made of an unconditional and a conditional half.
-            reference_cache: Where the references come from (by default, image 0 of each batch half).
+            reference_cache: The cache of the adapter that owns this layer (where the references come from).
         """
         self.classifier_free_guidance = classifier_free_guidance
-        self.reference_cache = reference_cache or ReferenceCache()
+        self.reference_cache = reference_cache
         with self.setup_adapter(target):
             super().__init__(target)
 

@@ -7,6 +7,7 @@ from style_aligned.layers.adain import AdaIN
 from style_aligned.layers.attention import JointScaledDotProductAttention, ShiftedScaledDotProductAttention
 from style_aligned.layers.reference_cache import ReferenceCache
 from style_aligned.layers.references import AppendReferences, ScaleReferences, SplitHalves
+from style_aligned.options import StyleAlignedOptions
 
 
 def _adain(enabled: bool, reference_cache: ReferenceCache) -> fl.Module:
@@ -39,31 +40,22 @@ class SharedAttentionAdapter(fl.Chain, Adapter[fl.ScaledDotProductAttention]):
     def __init__(
         self,
         target: fl.ScaledDotProductAttention,
-        adain_queries: bool = True,
-        adain_keys: bool = True,
-        adain_values: bool = False,
-        shared_score_scale: float = 1.0,
-        shared_score_shift: float = 0.0,
-        full_attention_share: bool = False,
-        classifier_free_guidance: bool = True,
-        reference_cache: ReferenceCache | None = None,
+        *,
+        options: StyleAlignedOptions,
+        classifier_free_guidance: bool,
+        reference_cache: ReferenceCache,
     ) -> None:
         """Initialize the adapter.
 
         Args:
             target: The scaled dot-product attention of a self-attention layer.
-            adain_queries: Whether to apply AdaIN to the queries.
-            adain_keys: Whether to apply AdaIN to the keys.
-            adain_values: Whether to apply AdaIN to the values.
-            shared_score_scale: Factor on the reference keys given to the targets.
-            shared_score_shift: Constant added to the attention logits of the appended reference tokens.
-            full_attention_share: Attend to all images of the half instead (no AdaIN, scale or shift).
+            options: AdaIN on queries, keys and values, the score scale and shift, or full attention share.
             classifier_free_guidance: Whether the batch is made of an unconditional and a conditional half.
-            reference_cache: Where the references come from (by default, image 0 of each batch half).
+            reference_cache: Where the references come from (the adapter's cache, shared by all its layers).
         """
         cfg = classifier_free_guidance
-        cache = reference_cache or ReferenceCache()
-        self.full_attention_share = full_attention_share
+        cache = reference_cache
+        self.full_attention_share = options.full_attention_share
         layers: list[fl.Module] = (
             [
                 # (queries, keys, values): (batch, tokens, channels) each
@@ -71,20 +63,24 @@ class SharedAttentionAdapter(fl.Chain, Adapter[fl.ScaledDotProductAttention]):
                     target.num_heads, cfg, slice_size=target.slice_size, reference_cache=cache
                 ),
             ]
-            if full_attention_share
+            if options.full_attention_share
             else [
                 # (queries, keys, values): (batch, tokens, channels) each
                 fl.Distribute(SplitHalves(cfg, cache), SplitHalves(cfg, cache), SplitHalves(cfg, cache)),
                 # (queries, keys, values): (halves, images_per_half, tokens, channels) each, views
-                fl.Distribute(_adain(adain_queries, cache), _adain(adain_keys, cache), _adain(adain_values, cache)),
+                fl.Distribute(
+                    _adain(options.adain_queries, cache),
+                    _adain(options.adain_keys, cache),
+                    _adain(options.adain_values, cache),
+                ),
                 fl.Distribute(
                     fl.Identity(),
-                    AppendReferences(scale=shared_score_scale, reference_cache=cache),
+                    AppendReferences(scale=options.shared_score_scale, reference_cache=cache),
                     AppendReferences(reference_cache=cache),
                 ),
                 # (queries, keys, values): keys and values have 2 x tokens, the reference's appended
                 ShiftedScaledDotProductAttention(
-                    target.num_heads, shared_score_shift, slice_size=target.slice_size, reference_cache=cache
+                    target.num_heads, options.shared_score_shift, slice_size=target.slice_size, reference_cache=cache
                 ),
                 # (batch, tokens, channels)
             ]

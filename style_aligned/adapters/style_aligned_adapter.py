@@ -1,7 +1,5 @@
 """StyleAligned for a whole U-Net: shared attention in its self-attention layers, optionally shared GroupNorm."""
 
-import math
-from collections.abc import Iterable
 from typing import Generic, TypeVar
 
 import refiners.fluxion.layers as fl
@@ -12,7 +10,6 @@ from style_aligned.adapters.group_norm import SharedGroupNormAdapter
 from style_aligned.adapters.shared_attention import SharedAttentionAdapter
 from style_aligned.adapters.unet_layers import (
     DOWN_BLOCKS,
-    Block,
     SelfAttentionLayer,
     check_unet,
     own_layers,
@@ -22,6 +19,7 @@ from style_aligned.adapters.unet_layers import (
 from style_aligned.layers.control_routing import RemoveReferenceControl, RestoreReferenceControl
 from style_aligned.layers.reference_cache import ReferenceCache
 from style_aligned.layers.references import CheckBatchLayout
+from style_aligned.options import StyleAlignedOptions, model_kind
 
 T = TypeVar("T", bound="SD1UNet | SDXLUNet")
 
@@ -40,7 +38,7 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
     Example:
         ```py
         sd = StableDiffusion_XL()
-        adapter = StyleAlignedAdapter(sd.unet, shared_score_shift=math.log(2)).inject()
+        adapter = StyleAlignedAdapter(sd.unet, StyleAlignedOptions(shared_score_shift=math.log(2))).inject()
         # ... denoise a batch whose first image is the reference ...
         adapter.eject()
         ```
@@ -49,69 +47,44 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
     def __init__(
         self,
         target: T,
+        options: StyleAlignedOptions | None = None,
         *,
-        adain_queries: bool = True,
-        adain_keys: bool = True,
-        adain_values: bool = False,
-        shared_score_scale: float = 1.0,
-        shared_score_shift: float = 0.0,
-        share_group_norm: bool = False,
-        only_self_level: float = 0.0,
-        full_attention_share: bool = False,
         classifier_free_guidance: bool = True,
-        shared_layers: Iterable[int] | None = None,
-        shared_blocks: Iterable[Block] | None = None,
-        control_reference: bool = False,
     ) -> None:
         """Initialize the adapter; nothing is changed in the U-Net until `inject`.
 
         Args:
             target: The U-Net (`SDXLUNet` or `SD1UNet`).
-            adain_queries: Whether to apply AdaIN to the queries.
-            adain_keys: Whether to apply AdaIN to the keys.
-            adain_values: Whether to apply AdaIN to the values.
-            shared_score_scale: Factor on the reference keys given to the targets (> 0; below 1 weakens the style).
-            shared_score_shift: Constant added to the attention logits of the reference tokens (log 2 doubles them).
-            share_group_norm: Whether GroupNorm statistics are taken jointly over each image and its reference.
-            only_self_level: Rough fraction of self-attention layers left unshared, spread evenly, in [0, 1].
-            full_attention_share: Every image attends to all images of its half, without AdaIN (leaks content).
+            options: How the images share the reference's style (default: `StyleAlignedOptions()`); options left
+                to the model kind (`share_group_norm`) take the reference implementation's example for this U-Net.
             classifier_free_guidance: Whether the batch is an unconditional half followed by a conditional half.
-            shared_layers: Indices of the self-attention layers to share, instead of `only_self_level`.
-            shared_blocks: U-Net blocks (`"down"`, `"mid"`, `"up"`) whose layers to share, instead of the above.
-            control_reference: Whether ControlNets, Control-LoRAs and T2I-Adapters also control the reference (by
-                default the reference gets no control, as in the reference implementation's ControlNet example).
 
         Raises:
             TypeError: If the target is not a U-Net with self-attention layers.
-            ValueError: If an option is out of range.
+            ValueError: If a shared layer index is out of range for this U-Net.
             RuntimeError: If StyleAligned is already injected in the U-Net.
         """
         unet = check_unet(target)
         _check_not_adapted(unet)
-        _check_score_options(shared_score_scale, shared_score_shift, full_attention_share)
-        self._shared_score_scale = shared_score_scale
-        self._shared_score_shift = shared_score_shift
-        self.full_attention_share = full_attention_share
+        self.options = (options or StyleAlignedOptions()).resolved(model_kind(unet))
+        """The effective options (see `StyleAlignedOptions`); score scale and shift can be changed while injected."""
         self.classifier_free_guidance = classifier_free_guidance
         self.reference_cache = ReferenceCache()
         """Where the shared layers find the references: the batch by default, or a recording (see `ReferenceCache`)."""
         self._injected = False
 
+        options = self.options
+        cache = self.reference_cache
         self.shared_layers: tuple[SelfAttentionLayer, ...] = tuple(
-            select_shared_layers(self_attention_layers(unet), only_self_level, shared_layers, shared_blocks)
+            select_shared_layers(self_attention_layers(unet), options)
         )
         self._attention_adapters = tuple(
             (
                 SharedAttentionAdapter(
                     _scaled_dot_product_attention(shared.layer, shared.index),
-                    adain_queries=adain_queries,
-                    adain_keys=adain_keys,
-                    adain_values=adain_values,
-                    shared_score_scale=shared_score_scale,
-                    shared_score_shift=shared_score_shift,
-                    full_attention_share=full_attention_share,
+                    options=options,
                     classifier_free_guidance=classifier_free_guidance,
-                    reference_cache=self.reference_cache,
+                    reference_cache=cache,
                 ),
                 shared.layer,
             )
@@ -119,19 +92,19 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
         )
         self._group_norm_adapters = (
             tuple(
-                (SharedGroupNormAdapter(group_norm, classifier_free_guidance, self.reference_cache), parent)
+                (SharedGroupNormAdapter(group_norm, classifier_free_guidance, cache), parent)
                 for group_norm, parent in own_layers(unet, fl.GroupNorm)
             )
-            if share_group_norm
+            if options.share_group_norm
             else ()
         )
 
         # in lists: not registered modules
-        self._check_batch_layout = [CheckBatchLayout(classifier_free_guidance, self.reference_cache)]
+        self._check_batch_layout = [CheckBatchLayout(classifier_free_guidance, cache)]
         self._reference_control = (
             []
-            if control_reference
-            else [RemoveReferenceControl(classifier_free_guidance, self.reference_cache), RestoreReferenceControl()]
+            if options.control_reference
+            else [RemoveReferenceControl(classifier_free_guidance, cache), RestoreReferenceControl()]
         )
         with self.setup_adapter(target):
             super().__init__(target)
@@ -144,26 +117,24 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
     @property
     def shared_score_scale(self) -> float:
         """Factor on the reference keys given to the targets; can be changed while injected."""
-        return self._shared_score_scale
+        return self.options.shared_score_scale
 
     @shared_score_scale.setter
     def shared_score_scale(self, value: float) -> None:
-        _check_score_options(value, self._shared_score_shift, self.full_attention_share)
+        self.options = self.options.replace(shared_score_scale=value)
         for adapter, _ in self._attention_adapters:
             adapter.shared_score_scale = value
-        self._shared_score_scale = value
 
     @property
     def shared_score_shift(self) -> float:
         """Constant added to the attention logits of the reference tokens; can be changed while injected."""
-        return self._shared_score_shift
+        return self.options.shared_score_shift
 
     @shared_score_shift.setter
     def shared_score_shift(self, value: float) -> None:
-        _check_score_options(self._shared_score_scale, value, self.full_attention_share)
+        self.options = self.options.replace(shared_score_shift=value)
         for adapter, _ in self._attention_adapters:
             adapter.shared_score_shift = value
-        self._shared_score_shift = value
 
     def inject(self, parent: fl.Chain | None = None) -> "StyleAlignedAdapter[T]":
         """Put the shared layers in the U-Net.
@@ -220,12 +191,3 @@ def _scaled_dot_product_attention(layer: fl.SelfAttention, index: int) -> fl.Sca
         if isinstance(module, fl.ScaledDotProductAttention):
             return module
     raise ValueError(f"self-attention layer {index} has no scaled dot-product attention of its own")
-
-
-def _check_score_options(scale: float, shift: float, full_attention_share: bool) -> None:
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"shared_score_scale must be a finite number > 0, got {scale}")
-    if not math.isfinite(shift):
-        raise ValueError(f"shared_score_shift must be a finite number, got {shift}")
-    if full_attention_share and (scale != 1.0 or shift != 0.0):
-        raise ValueError("shared_score_scale and shared_score_shift have no effect with full_attention_share=True")

@@ -1,16 +1,16 @@
 """The layers of a U-Net that StyleAligned shares, and the choice of which self-attention layers to share."""
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal, TypeVar, get_args
+from typing import TypeVar
 
 import refiners.fluxion.layers as fl
 from refiners.foundationals.latent_diffusion import SD1UNet, SDXLUNet
 from refiners.foundationals.latent_diffusion.stable_diffusion_1 import unet as sd1_unet
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl import unet as sdxl_unet
 
-Block = Literal["down", "mid", "up"]
-BLOCKS: tuple[Block, ...] = get_args(Block)
+from style_aligned.options import Block, StyleAlignedOptions
+
 UNet = SD1UNet | SDXLUNet
 
 T = TypeVar("T", bound=fl.Module)
@@ -106,42 +106,39 @@ def unshared_by_level(num_layers: int, only_self_level: float) -> list[bool]:
     return [not p for p in picked] if flip else picked
 
 
-def select_shared_layers(
-    layers: list[SelfAttentionLayer],
-    only_self_level: float = 0.0,
-    shared_layers: Iterable[int] | None = None,
-    shared_blocks: Iterable[Block] | None = None,
-) -> list[SelfAttentionLayer]:
-    """Choose the self-attention layers to share, by level, by index or by block (one way at a time).
+def registration_order(layers: list[SelfAttentionLayer]) -> list[SelfAttentionLayer]:
+    """The self-attention layers in diffusers' registration order (`unet.attn_processors`): down, up, then mid.
+
+    This is the order in which the reference implementation counts layers for `only_self_level`.
+    """
+    return [layer for block in ("down", "up", "mid") for layer in layers if layer.block == block]
+
+
+def select_shared_layers(layers: list[SelfAttentionLayer], options: StyleAlignedOptions) -> list[SelfAttentionLayer]:
+    """Choose the self-attention layers to share, by level, by index or by block (the options allow one way).
 
     Args:
-        layers: All self-attention layers of the U-Net, as given by `self_attention_layers`.
-        only_self_level: The rough fraction of layers left unshared, spread evenly (0 shares all).
-        shared_layers: The indices of the layers to share.
-        shared_blocks: The U-Net blocks whose layers to share: `"down"`, `"mid"`, `"up"`.
+        layers: All self-attention layers of the U-Net, as given by `self_attention_layers` (running order).
+        options: `only_self_level` spreads the unshared layers evenly over the layers counted in diffusers'
+            registration order (see `registration_order`), as the reference implementation does; `shared_layers`
+            are indices in running order; `shared_blocks` names U-Net blocks.
 
     Returns:
-        The layers to share.
+        The layers to share, in running order.
 
     Raises:
-        ValueError: If an option is out of range or more than one way of choosing is used.
+        ValueError: If a layer index is out of range for this U-Net.
     """
-    if not 0.0 <= only_self_level <= 1.0:
-        raise ValueError(f"only_self_level must be in [0, 1], got {only_self_level}")
-    ways = [only_self_level != 0.0, shared_layers is not None, shared_blocks is not None]
-    if sum(ways) > 1:
-        raise ValueError("choose the shared layers one way: only_self_level, shared_layers or shared_blocks")
-    if shared_layers is not None:
-        indices = set(shared_layers)
+    if options.shared_layers is not None:
+        indices = set(options.shared_layers)
         if unknown := sorted(i for i in indices if not 0 <= i < len(layers)):
             raise ValueError(
                 f"shared_layers {unknown} out of range: this U-Net has {len(layers)} self-attention layers"
             )
         return [layer for layer in layers if layer.index in indices]
-    if shared_blocks is not None:
-        blocks = set(shared_blocks)
-        if unknown_blocks := sorted(blocks - set(BLOCKS)):
-            raise ValueError(f"unknown shared_blocks {unknown_blocks}: choose among {list(BLOCKS)}")
-        return [layer for layer in layers if layer.block in blocks]
-    unshared = unshared_by_level(len(layers), only_self_level)
-    return [layer for layer in layers if not unshared[layer.index]]
+    if options.shared_blocks is not None:
+        return [layer for layer in layers if layer.block in options.shared_blocks]
+    ordered = registration_order(layers)
+    level = options.only_self_level
+    unshared = {layer.index for layer, off in zip(ordered, unshared_by_level(len(ordered), level), strict=True) if off}
+    return [layer for layer in layers if layer.index not in unshared]

@@ -12,13 +12,18 @@ from style_aligned.cli.options import (
     style_options,
     write_set,
 )
+from style_aligned.options import StyleAlignedOptions
 
 
 def run_generate(args: argparse.Namespace) -> None:
     from style_aligned.pipeline.generate import SetSpec, generate_set
     from style_aligned.pipeline.set_files import sidecar
 
-    spec = SetSpec(**set_fields(args), reference_prompt=args.reference_prompt, style=style_options(args))
+    spec = SetSpec(
+        **set_fields(args),
+        reference_prompt=args.reference_prompt,
+        style=StyleAlignedOptions().replace(**style_options(args)),
+    )
     sd = load_model(args)
     spec = spec.resolved(sd)
     write_set(

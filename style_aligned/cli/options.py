@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from style_aligned.options import StyleAlignedOptions, option_fields
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -29,37 +31,27 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_style_options(parser: argparse.ArgumentParser) -> None:
-    """The StyleAlignedAdapter options; unset ones keep the command's defaults."""
+    """The StyleAligned options, one flag per field of `StyleAlignedOptions`; unset ones keep the command's defaults."""
     group = parser.add_argument_group("StyleAligned options (docs/parameters.md)")
-    for name in ("adain-queries", "adain-keys", "adain-values", "share-group-norm"):
-        group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None)
-    group.add_argument("--shared-score-scale", type=float, metavar="S", help="factor on the reference keys (> 0)")
-    group.add_argument("--shared-score-shift", type=float, metavar="B", help="logit shift of reference tokens")
-    group.add_argument("--only-self-level", type=float, metavar="L", help="fraction of layers left unshared, 0-1")
-    group.add_argument("--shared-layers", type=int, nargs="+", metavar="I", help="indices of the layers to share")
-    group.add_argument("--shared-blocks", choices=["down", "mid", "up"], nargs="+", help="U-Net blocks to share")
-    group.add_argument("--full-attention-share", action="store_true", default=None, help="all images attend to all")
-    group.add_argument("--control-reference", action="store_true", default=None, help="control the reference too")
-
-
-STYLE_OPTIONS = (
-    "adain_queries",
-    "adain_keys",
-    "adain_values",
-    "share_group_norm",
-    "shared_score_scale",
-    "shared_score_shift",
-    "only_self_level",
-    "shared_layers",
-    "shared_blocks",
-    "full_attention_share",
-    "control_reference",
-)
+    for option in option_fields():
+        flag = f"--{option.name.replace('_', '-')}"
+        if option.kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=option.help)
+        else:
+            group.add_argument(
+                flag,
+                type=option.kind,
+                choices=option.choices,
+                nargs="+" if option.many else None,
+                default=None,
+                metavar=None if option.choices else option.name.rsplit("_", 1)[-1].upper(),
+                help=option.help,
+            )
 
 
 def style_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The StyleAlignedAdapter options given on the command line."""
-    return {name: getattr(args, name) for name in STYLE_OPTIONS if getattr(args, name, None) is not None}
+    """The StyleAligned options given on the command line, as changes to a command's defaults."""
+    return {name: value for name in StyleAlignedOptions.names() if (value := getattr(args, name, None)) is not None}
 
 
 def add_set_options(parser: argparse.ArgumentParser) -> None:

@@ -15,6 +15,7 @@ from style_aligned.cli.options import (
     style_options,
 )
 from style_aligned.evaluation.sweep import OPTIONS, parse_grid, run_sweep
+from style_aligned.options import StyleAlignedOptions
 
 
 def add_sweep_command(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +59,9 @@ def run_sweep_command(args: argparse.Namespace) -> None:
     for folder in (args.clip, args.dino):
         if folder is not None and not folder.is_dir():
             raise FileNotFoundError(f"the scorer folder {folder} does not exist")
-    spec = SetSpec(**set_fields(args), reference_prompt=args.reference_prompt, style=fixed)
+    spec = SetSpec(
+        **set_fields(args), reference_prompt=args.reference_prompt, style=StyleAlignedOptions().replace(**fixed)
+    )
     sd = load_model(args)
     bar = ProgressBar(f"{len(settings)} settings x {len(spec.image_prompts())} images")
     try:

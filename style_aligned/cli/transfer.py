@@ -14,6 +14,7 @@ from style_aligned.cli.options import (
     style_options,
     write_set,
 )
+from style_aligned.options import StyleAlignedOptions
 
 
 def run_transfer(args: argparse.Namespace) -> None:
@@ -21,7 +22,7 @@ def run_transfer(args: argparse.Namespace) -> None:
 
     from style_aligned.pipeline.inversion import ReferenceTrajectory
     from style_aligned.pipeline.set_files import sidecar
-    from style_aligned.pipeline.transfer import TRANSFER_STYLE, TransferSpec, make_trajectory, transfer_set
+    from style_aligned.pipeline.transfer import TransferSpec, make_trajectory, transfer_set
 
     if args.trajectory is None and (args.image is None or args.caption is None):
         raise ValueError("give the reference as --image and --caption, or reuse an inversion with --trajectory")
@@ -37,7 +38,7 @@ def run_transfer(args: argparse.Namespace) -> None:
         width=width,
         height=height,
         chunk_size=args.chunk_size,
-        style={**TRANSFER_STYLE, **style_options(args)},
+        style=StyleAlignedOptions.for_transfer().replace(**style_options(args)),
         offset=args.offset,
         inversion_guidance=args.inversion_guidance,
         fit=args.fit,

@@ -18,42 +18,24 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image, ImageDraw, ImageFont
 
 from style_aligned.evaluation.scoring import ClipScorer, DinoScorer, SetScores, evaluate_set, read_set
+from style_aligned.options import option_fields, parse_option
 
 if TYPE_CHECKING:
     from style_aligned.pipeline.generate import Progress, ProgressEvent, SetSpec, StableDiffusion
 
-NUMBER_OPTIONS = ("shared_score_scale", "shared_score_shift", "only_self_level")
-BOOLEAN_OPTIONS = tuple(
-    "adain_queries adain_keys adain_values share_group_norm full_attention_share control_reference".split()
-)
-OPTIONS = (*NUMBER_OPTIONS, *BOOLEAN_OPTIONS)
-"""The `StyleAlignedAdapter` options a grid can vary."""
-BOOLEANS = {"true": True, "on": True, "yes": True, "1": True, "false": False, "off": False, "no": False, "0": False}
+OPTIONS = tuple(option.name for option in option_fields() if not option.many)
+"""The StyleAligned options a grid can vary (those that take one value)."""
 CONTACT_SHEET, SUMMARY, PLOT = "contact-sheet.png", "sweep.json", "sweep.png"
 CSV_TABLE, MARKDOWN_TABLE = "sweep.csv", "sweep.md"
 MARGIN = 8
-
-
-def _value(name: str, text: str) -> bool | float:
-    if name in BOOLEAN_OPTIONS:
-        if text.lower() not in BOOLEANS:
-            raise ValueError(f"{name} takes true/false, on/off, yes/no or 1/0, got {text!r}")
-        return BOOLEANS[text.lower()]
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{name} takes numbers, got {text!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{name} takes finite numbers, got {text!r}")
-    return value
 
 
 def parse_grid(items: Sequence[str]) -> list[dict[str, Any]]:
     """Parse `NAME=V1,V2,...` items into the settings of their Cartesian product.
 
     Args:
-        items: One item per option: a `StyleAlignedAdapter` option (see `OPTIONS`; `-` may stand for `_`) and its
-            values, numbers or, for a boolean option, true/false, on/off, yes/no, 1/0.
+        items: One item per option: a StyleAligned option (see `OPTIONS`; `-` may stand for `_`) and its values,
+            numbers or, for a boolean option, true/false, on/off, yes/no, 1/0 (see `options.parse_option`).
 
     Returns:
         One `{name: value}` setting per combination, the first item's values varying slowest.
@@ -64,7 +46,7 @@ def parse_grid(items: Sequence[str]) -> list[dict[str, Any]]:
     """
     if not items:
         raise ValueError("a sweep needs at least one --grid NAME=V1,V2,... item")
-    axes: dict[str, list[bool | float]] = {}
+    axes: dict[str, list[bool | int | float | str]] = {}
     for item in items:
         name, separator, values = item.partition("=")
         name = name.strip().replace("-", "_")
@@ -77,7 +59,7 @@ def parse_grid(items: Sequence[str]) -> list[dict[str, Any]]:
         texts = [text.strip() for text in values.split(",")]
         if not all(texts):
             raise ValueError(f"{item!r} has an empty value: expected {name}=V1,V2,...")
-        parsed = [_value(name, text) for text in texts]
+        parsed = [parse_option(name, text) for text in texts]
         if len(set(parsed)) != len(parsed):
             raise ValueError(f"{item!r} repeats a value")
         axes[name] = parsed
@@ -285,9 +267,9 @@ def run_sweep(
     if (clip is None) != (dino is None):
         raise ValueError("scoring a sweep needs both a CLIP and a DINO folder (--clip and --dino), or neither")
     spec = spec.resolved(sd)
-    specs = [replace(spec, style={**spec.style, **setting}).resolved(sd) for setting in plain]
+    specs = [replace(spec, style=spec.style.replace(**setting)).resolved(sd) for setting in plain]
     for setting_spec in specs:
-        StyleAlignedAdapter(sd.unet, **setting_spec.style)  # checks the options; nothing changes until injected
+        StyleAlignedAdapter(sd.unet, setting_spec.style)  # checks the layers; nothing changes until injected
     prompts = spec.image_prompts()
     scorers = None
     if clip is not None and dino is not None:

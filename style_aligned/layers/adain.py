@@ -26,16 +26,16 @@ class AdaIN(fl.Module):
             reference statistics.
     """
 
-    def __init__(self, epsilon: float = 1e-5, reference_cache: ReferenceCache | None = None) -> None:
+    def __init__(self, epsilon: float = 1e-5, *, reference_cache: ReferenceCache) -> None:
         """Initialize the layer.
 
         Args:
             epsilon: Added to the variance before the square root.
-            reference_cache: Where the reference statistics come from (by default, image 0 of each batch half).
+            reference_cache: The cache of the adapter that owns this layer (where the reference statistics come from).
         """
         super().__init__()
         self.epsilon = epsilon
-        self.reference_cache = reference_cache or ReferenceCache()
+        self.reference_cache = reference_cache
 
     def forward(
         self, x: Float[Tensor, "halves images_per_half tokens channels"]

@@ -59,7 +59,8 @@ class ShiftedScaledDotProductAttention(fl.ScaledDotProductAttention):
         num_heads: int = 1,
         shift: float = 0.0,
         slice_size: int | None = None,
-        reference_cache: ReferenceCache | None = None,
+        *,
+        reference_cache: ReferenceCache,
     ) -> None:
         """Initialize the layer.
 
@@ -67,11 +68,11 @@ class ShiftedScaledDotProductAttention(fl.ScaledDotProductAttention):
             num_heads: The number of heads.
             shift: The constant added to the logits of the appended reference tokens of target images.
             slice_size: If given, the queries are processed in slices of this size.
-            reference_cache: Tells whether the batch holds the references (by default, it does).
+            reference_cache: The cache of the adapter that owns this layer (where the references come from).
         """
         super().__init__(num_heads=num_heads, slice_size=slice_size)
         self.shift = shift
-        self.reference_cache = reference_cache or ReferenceCache()
+        self.reference_cache = reference_cache
 
     def forward(
         self,
@@ -140,7 +141,8 @@ class JointScaledDotProductAttention(fl.ScaledDotProductAttention):
         num_heads: int = 1,
         classifier_free_guidance: bool = True,
         slice_size: int | None = None,
-        reference_cache: ReferenceCache | None = None,
+        *,
+        reference_cache: ReferenceCache,
     ) -> None:
         """Initialize the layer.
 
@@ -148,11 +150,11 @@ class JointScaledDotProductAttention(fl.ScaledDotProductAttention):
             num_heads: The number of heads.
             classifier_free_guidance: Whether the batch is made of an unconditional and a conditional half.
             slice_size: If given, the queries are processed in slices of this size.
-            reference_cache: Only its default mode applies: every image needs all the others in the batch.
+            reference_cache: The cache of the adapter that owns this layer (where the references come from).
         """
         super().__init__(num_heads=num_heads, slice_size=slice_size)
         self.classifier_free_guidance = classifier_free_guidance
-        self.reference_cache = reference_cache or ReferenceCache()
+        self.reference_cache = reference_cache
 
     def forward(
         self,

@@ -28,7 +28,7 @@ class RemoveReferenceControl(fl.ContextModule):
         (Float[Tensor, "batch channels height width"]): The same features.
     """
 
-    def __init__(self, classifier_free_guidance: bool = True, reference_cache: ReferenceCache | None = None) -> None:
+    def __init__(self, classifier_free_guidance: bool, reference_cache: ReferenceCache) -> None:
         """Initialize the layer.
 
         Args:
@@ -37,7 +37,7 @@ class RemoveReferenceControl(fl.ContextModule):
         """
         super().__init__()
         self.classifier_free_guidance = classifier_free_guidance
-        self.reference_cache = reference_cache or ReferenceCache()
+        self.reference_cache = reference_cache
 
     def forward(self, x: Float[Tensor, "batch ..."]) -> Float[Tensor, "batch ..."]:
         if not self.reference_cache.batch_has_references:

@@ -26,16 +26,16 @@ class SplitHalves(fl.Module):
         (Float[Tensor, "halves images_per_half ..."]): A view of the input when it is contiguous.
     """
 
-    def __init__(self, classifier_free_guidance: bool = True, reference_cache: ReferenceCache | None = None) -> None:
+    def __init__(self, classifier_free_guidance: bool, reference_cache: ReferenceCache) -> None:
         """Initialize the layer.
 
         Args:
             classifier_free_guidance: Whether the batch is made of an unconditional and a conditional half.
-            reference_cache: Checks the batch for its mode (references only, when recording them).
+            reference_cache: The cache of the adapter that owns this layer (where the references come from).
         """
         super().__init__()
         self.classifier_free_guidance = classifier_free_guidance
-        self.reference_cache = reference_cache or ReferenceCache()
+        self.reference_cache = reference_cache
 
     def forward(self, x: Float[Tensor, "batch ..."]) -> Float[Tensor, "halves images_per_half ..."]:
         per_half = self.reference_cache.images_per_half(x.shape[0], self.classifier_free_guidance)
@@ -53,20 +53,20 @@ class GetReferences(fl.Module):
 
     Example:
         ```py
-        get_references = GetReferences()
+        get_references = GetReferences(ReferenceCache())
         x = torch.arange(4.0).reshape(2, 2, 1)  # [[uncond_0, uncond_1], [cond_0, cond_1]]
         assert get_references(x).flatten().tolist() == [0.0, 0.0, 2.0, 2.0]
         ```
     """
 
-    def __init__(self, reference_cache: ReferenceCache | None = None) -> None:
+    def __init__(self, reference_cache: ReferenceCache) -> None:
         """Initialize the layer.
 
         Args:
-            reference_cache: Where the references come from (by default, image 0 of each batch half).
+            reference_cache: The cache of the adapter that owns this layer (where the references come from).
         """
         super().__init__()
-        self.reference_cache = reference_cache or ReferenceCache()
+        self.reference_cache = reference_cache
 
     def forward(self, x: Float[Tensor, "halves images_per_half ..."]) -> Float[Tensor, "halves images_per_half ..."]:
         return self.reference_cache.references(self, x).expand_as(x)
@@ -85,16 +85,16 @@ class ScaleReferences(fl.Module):
         (Float[Tensor, "halves images_per_half tokens channels"]): The same, multiplied by `scale` for the targets.
     """
 
-    def __init__(self, scale: float = 1.0, reference_cache: ReferenceCache | None = None) -> None:
+    def __init__(self, scale: float = 1.0, *, reference_cache: ReferenceCache) -> None:
         """Initialize the layer.
 
         Args:
             scale: The factor applied to the reference features of target rows.
-            reference_cache: Tells whether the batch holds the references (by default, it does).
+            reference_cache: The cache of the adapter that owns this layer (where the references come from).
         """
         super().__init__()
         self.scale = scale
-        self.reference_cache = reference_cache or ReferenceCache()
+        self.reference_cache = reference_cache
 
     def forward(self, x: Float[Tensor, "halves images_per_half ..."]) -> Float[Tensor, "halves images_per_half ..."]:
         if self.scale == 1.0:
@@ -117,17 +117,17 @@ class AppendReferences(fl.Concatenate):
         (Float[Tensor, "halves images_per_half 2*tokens channels"]): Each image's tokens, then its reference's.
     """
 
-    def __init__(self, scale: float | None = None, reference_cache: ReferenceCache | None = None) -> None:
+    def __init__(self, scale: float | None = None, *, reference_cache: ReferenceCache) -> None:
         """Initialize the layer.
 
         Args:
             scale: If given, the appended copies of target rows are scaled by it (a `ScaleReferences` layer).
-            reference_cache: Where the references come from (by default, image 0 of each batch half).
+            reference_cache: The cache of the adapter that owns this layer (where the references come from).
         """
-        cache = reference_cache or ReferenceCache()
+        cache = reference_cache
         references = fl.Chain(GetReferences(cache))
         if scale is not None:
-            references.append(ScaleReferences(scale, cache))
+            references.append(ScaleReferences(scale, reference_cache=cache))
         super().__init__(fl.Identity(), references, dim=-2)
 
 
@@ -144,16 +144,16 @@ class CheckBatchLayout(fl.ContextModule):
         (Float[Tensor, "batch channels height width"]): The same input.
     """
 
-    def __init__(self, classifier_free_guidance: bool = True, reference_cache: ReferenceCache | None = None) -> None:
+    def __init__(self, classifier_free_guidance: bool, reference_cache: ReferenceCache) -> None:
         """Initialize the layer.
 
         Args:
             classifier_free_guidance: Whether the batch is made of an unconditional and a conditional half.
-            reference_cache: Tells the mode (a batch of references only, when recording them).
+            reference_cache: The cache of the adapter that owns this layer (where the references come from).
         """
         super().__init__()
         self.classifier_free_guidance = classifier_free_guidance
-        self.reference_cache = reference_cache or ReferenceCache()
+        self.reference_cache = reference_cache
 
     def forward(self, x: Float[Tensor, "batch ..."]) -> Float[Tensor, "batch ..."]:
         try:

@@ -12,9 +12,14 @@ from refiners.foundationals.latent_diffusion.solvers import DDIM, SolverParams
 from torch import Tensor
 
 from style_aligned.adapters.style_aligned_adapter import StyleAlignedAdapter
+from style_aligned.options import ModelKind, StyleAlignedOptions, model_kind
 from style_aligned.pipeline.composition import Composition, ControlSpec, Extras, IPAdapterSpec, LoraSpec
 
 StableDiffusion = StableDiffusion_XL | StableDiffusion_1
+DEFAULT_SIZE: dict[ModelKind, int] = {"sdxl": 1024, "sd1": 512}
+"""The image size of the reference examples, in pixels (square)."""
+DEFAULT_GUIDANCE: dict[ModelKind, float] = {"sdxl": 5.0, "sd1": 7.5}
+"""The classifier-free guidance scale of the reference examples."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,7 @@ class SetSpec:
         width: The image width in pixels, a multiple of 8 (default: 1024 for SDXL, 512 for SD1).
         height: The image height in pixels, a multiple of 8 (default: as `width`).
         chunk_size: How many targets run together (default: all); memory does not grow with the set beyond it.
-        style: Options of `StyleAlignedAdapter` (`shared_score_shift`, `share_group_norm`, ...).
+        style: How the images share the reference's style; options left to the model kind take its defaults.
         controls: ControlNets guiding the targets, each with one control image for all targets or one per target.
         loras: LoRAs applied while the set is generated.
         ip_adapter: An IP-Adapter image prompt for every image.
@@ -72,7 +77,7 @@ class SetSpec:
     width: int | None = None
     height: int | None = None
     chunk_size: int | None = None
-    style: dict[str, Any] = field(default_factory=lambda: {})
+    style: StyleAlignedOptions = field(default_factory=StyleAlignedOptions)
     controls: list[ControlSpec] = field(default_factory=lambda: [])
     loras: list[LoraSpec] = field(default_factory=lambda: [])
     ip_adapter: IPAdapterSpec | None = None
@@ -91,11 +96,11 @@ class SetSpec:
         Raises:
             ValueError: If a setting is out of range.
         """
-        is_sdxl = isinstance(sd, StableDiffusion_XL)
-        width = self.width or self.height or (1024 if is_sdxl else 512)
+        kind = model_kind(sd)
+        width = self.width or self.height or DEFAULT_SIZE[kind]
         height = self.height or width
-        guidance = (5.0 if is_sdxl else 7.5) if self.guidance is None else self.guidance
-        spec = replace(self, width=width, height=height, guidance=guidance, style=dict(self.style))
+        guidance = DEFAULT_GUIDANCE[kind] if self.guidance is None else self.guidance
+        spec = replace(self, width=width, height=height, guidance=guidance, style=self.style.resolved(kind))
         if not spec.image_prompts():
             raise ValueError("a set needs at least one prompt")
         if width % 8 or height % 8 or width < 8 or height < 8:
@@ -104,8 +109,6 @@ class SetSpec:
             raise ValueError(f"steps must be at least 1, got {spec.steps}")
         if spec.chunk_size is not None and spec.chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1, got {spec.chunk_size}")
-        if spec.style.get("classifier_free_guidance", True) is False:
-            raise ValueError("sets are generated with classifier-free guidance: leave classifier_free_guidance on")
         return spec
 
 
@@ -190,18 +193,23 @@ def target_chunks(num_images: int, chunk_size: int | None) -> list[list[int]]:
     return [targets[start : start + size] for start in range(0, len(targets), size)]
 
 
+def progress_total(num_steps: int, num_images: int, chunk_size: int | None) -> int:
+    """The units of work of a set, for progress: one per U-Net call of the denoising loop, one per decoded image."""
+    return num_steps * (1 + len(target_chunks(num_images, chunk_size))) + num_images
+
+
 def denoise_set(
     sd: StableDiffusion,
     adapter: StyleAlignedAdapter[Any],
     latents: Tensor,
     conditioning: SetConditioning,
+    *,
     guidance: float,
     chunk_size: int | None = None,
     steps: Sequence[int] | None = None,
     after_reference_step: Callable[[int, Tensor], Tensor] | None = None,
     before_call: Callable[[list[int]], None] | None = None,
     progress: Progress | None = None,
-    extra_units: int = 0,
 ) -> Tensor:
     """Run the denoising loop of a set whose first latent is the reference.
 
@@ -219,8 +227,7 @@ def denoise_set(
         after_reference_step: Called with (step, reference latent) after each reference step; returns the latent
             to continue from (style transfer makes the reference follow an inversion trajectory this way).
         before_call: Called with the images of each U-Net call before it (to set per-image control inputs).
-        progress: Called after each U-Net call.
-        extra_units: Units of work the caller does afterwards, counted in the progress total.
+        progress: Called after each U-Net call, over the set's `progress_total` (decoding comes last).
 
     Returns:
         The final latents.
@@ -228,7 +235,7 @@ def denoise_set(
     steps = list(sd.steps if steps is None else steps)
     x = latents.clone()
     chunks = target_chunks(x.shape[0], chunk_size)
-    total = extra_units + len(steps) * (1 + len(chunks))
+    total = progress_total(len(steps), x.shape[0], chunk_size)
 
     def report(phase: str, step_number: int, chunk: int) -> None:
         if progress:
@@ -261,9 +268,9 @@ def denoise_with_extras(
     spec: SetSpec,
     latents: Tensor,
     conditioning: SetConditioning,
+    *,
     solver: DDIM,
     progress: Progress | None = None,
-    extra_units: int = 0,
     after_reference_step: Callable[[int, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Run `denoise_set` under `solver` with the spec's extras applied and StyleAligned injected, then remove them.
@@ -277,14 +284,13 @@ def denoise_with_extras(
         conditioning: The text conditioning of the images.
         solver: The solver to denoise with.
         progress: See `denoise_set`.
-        extra_units: See `denoise_set`.
         after_reference_step: See `denoise_set`.
 
     Returns:
         The final latents.
     """
     assert spec.width is not None and spec.height is not None and spec.guidance is not None
-    adapter = StyleAlignedAdapter(sd.unet, **spec.style)
+    adapter = StyleAlignedAdapter(sd.unet, spec.style)
     previous_solver, sd.solver = sd.solver, solver
     try:
         with Composition(sd, spec.extras(), latents.shape[0], spec.width, spec.height) as composition:
@@ -295,12 +301,11 @@ def denoise_with_extras(
                     adapter,
                     latents,
                     conditioning,
-                    spec.guidance,
-                    spec.chunk_size,
+                    guidance=spec.guidance,
+                    chunk_size=spec.chunk_size,
                     after_reference_step=after_reference_step,
                     before_call=composition.before_call,
                     progress=progress,
-                    extra_units=extra_units,
                 )
             finally:
                 adapter.eject()
@@ -331,13 +336,14 @@ def generate_set(sd: StableDiffusion, spec: SetSpec, progress: Progress | None =
     prompts = spec.image_prompts()
     conditioning = SetConditioning(sd, prompts, spec.negative_prompt, spec.width, spec.height)
     latents = initial_noise(spec, len(prompts), sd.device, sd.dtype)
-    count = len(prompts)
-    latents = denoise_with_extras(sd, spec, latents, conditioning, ddim(sd, spec.steps), progress, extra_units=count)
-    total = spec.steps * (1 + len(target_chunks(count, spec.chunk_size))) + count
-    return GeneratedSet(images=decode(sd, latents, progress, total), prompts=prompts, spec=spec)
+    latents = denoise_with_extras(sd, spec, latents, conditioning, solver=ddim(sd, spec.steps), progress=progress)
+    total = progress_total(spec.steps, len(prompts), spec.chunk_size)
+    return GeneratedSet(images=decode(sd, latents, progress=progress, total=total), prompts=prompts, spec=spec)
 
 
-def decode(sd: StableDiffusion, latents: Tensor, progress: Progress | None = None, total: int = 0) -> list[Image.Image]:
+def decode(
+    sd: StableDiffusion, latents: Tensor, *, progress: Progress | None = None, total: int = 0
+) -> list[Image.Image]:
     """Decode latents one image at a time; decoding is the last `len(latents)` units of `total` progress."""
     images: list[Image.Image] = []
     count = latents.shape[0]

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from jaxtyping import Float
 from PIL import Image
-from refiners.foundationals.latent_diffusion import StableDiffusion_XL
 from refiners.foundationals.latent_diffusion.solvers import DDIM
 from torch import Tensor
 
+from style_aligned.options import model_kind
 from style_aligned.pipeline.generate import SetConditioning, StableDiffusion, autoencoder_in_float32
 from style_aligned.pipeline.images import Fit, fit_image
 from style_aligned.weights.safetensors_io import SafetensorsReader, WeightsError, write_safetensors
@@ -139,7 +139,7 @@ class ReferenceTrajectory:
 
 def model_identity(sd: StableDiffusion) -> str:
     """A short identity of a model: its kind and a hash of some of its weights."""
-    kind = "sdxl" if isinstance(sd, StableDiffusion_XL) else "sd1"
+    kind = model_kind(sd)
     digest = hashlib.sha1(kind.encode())
     for tensor in list(sd.unet.parameters())[:4] + list(sd.unet.parameters())[-4:]:
         digest.update(tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())

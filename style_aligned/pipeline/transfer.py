@@ -1,12 +1,11 @@
 """Style transfer from a real image: the reference row follows the image's DDIM inversion trajectory."""
 
-import math
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from PIL import Image
 from torch import Tensor
 
+from style_aligned.options import StyleAlignedOptions
 from style_aligned.pipeline.generate import (
     GeneratedSet,
     Progress,
@@ -17,13 +16,11 @@ from style_aligned.pipeline.generate import (
     decode,
     denoise_with_extras,
     initial_noise,
-    target_chunks,
+    progress_total,
 )
 from style_aligned.pipeline.images import Fit
 from style_aligned.pipeline.inversion import ReferenceTrajectory, encode_image, invert
 
-TRANSFER_STYLE: dict[str, Any] = {"shared_score_shift": math.log(2), "share_group_norm": True}
-"""The reference implementation's transfer example: shared GroupNorm, AdaIN on Q and K, shift log 2."""
 TRANSFER_GUIDANCE = 10.0
 INVERSION_GUIDANCE = 2.0
 OFFSET = 5
@@ -43,7 +40,7 @@ class TransferSpec(SetSpec):
     offset: int = OFFSET
     inversion_guidance: float = INVERSION_GUIDANCE
     fit: Fit = "crop"
-    style: dict[str, Any] = field(default_factory=lambda: dict(TRANSFER_STYLE))
+    style: StyleAlignedOptions = field(default_factory=StyleAlignedOptions.for_transfer)
 
     def resolved(self, sd: StableDiffusion) -> "TransferSpec":
         spec = replace(self, guidance=TRANSFER_GUIDANCE if self.guidance is None else self.guidance)
@@ -67,7 +64,6 @@ def transfer_latents(
     trajectory: ReferenceTrajectory,
     spec: TransferSpec,
     progress: Progress | None = None,
-    extra_units: int = 0,
 ) -> tuple[Tensor, TransferSpec]:
     """Denoise a set in the style of an inverted reference image; see `transfer_set`.
 
@@ -89,7 +85,7 @@ def transfer_latents(
         return reference[max(spec.offset + 1, step - first_step + 1)][None]
 
     latents = denoise_with_extras(
-        sd, spec, latents, conditioning, solver, progress, extra_units, after_reference_step=follow_trajectory
+        sd, spec, latents, conditioning, solver=solver, progress=progress, after_reference_step=follow_trajectory
     )
     return latents, spec
 
@@ -118,7 +114,7 @@ def transfer_set(
     Raises:
         ValueError: If a setting is out of range or the trajectory does not fit the model, schedule or size.
     """
-    count = len(spec.prompts) + 1
-    latents, spec = transfer_latents(sd, trajectory, spec, progress, extra_units=count)
-    total = spec.steps * (1 + len(target_chunks(count, spec.chunk_size))) + count
-    return GeneratedSet(images=decode(sd, latents, progress, total), prompts=spec.image_prompts(), spec=spec)
+    latents, spec = transfer_latents(sd, trajectory, spec, progress)
+    prompts = spec.image_prompts()
+    total = progress_total(spec.steps, len(prompts), spec.chunk_size)
+    return GeneratedSet(images=decode(sd, latents, progress=progress, total=total), prompts=prompts, spec=spec)

@@ -17,10 +17,11 @@ import torch
 from refiners.fluxion.adapters.adapter import Adapter
 from refiners.fluxion.adapters.lora import Conv2dLora, LinearLora, Lora, LoraAdapter
 from refiners.fluxion.layers.chain import generate_unique_names
-from refiners.foundationals.latent_diffusion import SDXLUNet, StableDiffusion_1, StableDiffusion_XL
+from refiners.foundationals.latent_diffusion import StableDiffusion_1, StableDiffusion_XL
 from refiners.foundationals.latent_diffusion.lora import SDLoraManager
 from torch import Tensor
 
+from style_aligned.options import model_kind
 from style_aligned.weights.architectures import ARCHITECTURES, PIPELINES, Architecture
 from style_aligned.weights.key_maps import load_key_map
 from style_aligned.weights.safetensors_io import WeightsError, read_tensors
@@ -252,7 +253,7 @@ class LoraManager(SDLoraManager):
 
     def __init__(self, target: StableDiffusion_XL | StableDiffusion_1) -> None:
         super().__init__(target)
-        self.pipeline = "sdxl" if isinstance(target.unet, SDXLUNet) else "sd1"
+        self.pipeline = model_kind(target.unet)
 
     def add_loras(self, name: str, /, tensors: dict[str, Tensor], scale: float = 1.0) -> None:
         """Attach a LoRA given as a state dict in the diffusers, peft or kohya layout.

@@ -12,6 +12,7 @@ from refiners.foundationals.latent_diffusion import SD1UNet, SDXLUNet
 
 from style_aligned import SharedAttentionAdapter, SharedGroupNormAdapter, StyleAlignedAdapter, self_attention_layers
 from style_aligned.adapters.unet_layers import unshared_by_level
+from style_aligned.options import StyleAlignedOptions
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +48,9 @@ def test_only_self_level_spreads_unshared_layers_like_the_reference() -> None:
 
 def test_layer_choice_by_level_index_and_block(sdxl_unet: SDXLUNet) -> None:
     layers = self_attention_layers(sdxl_unet)
-    assert len(shared_indices(StyleAlignedAdapter(sdxl_unet, only_self_level=0.3))) == 70 - 24
-    assert shared_indices(StyleAlignedAdapter(sdxl_unet, shared_layers=[3, 0, 69])) == [0, 3, 69]
-    up = StyleAlignedAdapter(sdxl_unet, shared_blocks=["up"])
+    assert len(shared_indices(StyleAlignedAdapter(sdxl_unet, StyleAlignedOptions(only_self_level=0.3)))) == 70 - 24
+    assert shared_indices(StyleAlignedAdapter(sdxl_unet, StyleAlignedOptions(shared_layers=[3, 0, 69]))) == [0, 3, 69]
+    up = StyleAlignedAdapter(sdxl_unet, StyleAlignedOptions(shared_blocks=["up"]))
     assert shared_indices(up) == [layer.index for layer in layers if layer.block == "up"] == list(range(34, 70))
     up.inject()
     try:
@@ -63,7 +64,7 @@ def test_layer_choice_by_level_index_and_block(sdxl_unet: SDXLUNet) -> None:
 
 
 def test_group_norm_sharing_is_independent_of_the_layer_choice(sd1_unet: SD1UNet) -> None:
-    adapter = StyleAlignedAdapter(sd1_unet, share_group_norm=True, only_self_level=1.0).inject()
+    adapter = StyleAlignedAdapter(sd1_unet, StyleAlignedOptions(share_group_norm=True, only_self_level=1.0)).inject()
     try:
         assert sum(1 for _ in sd1_unet.layers(SharedAttentionAdapter)) == 0
         assert sum(1 for _ in sd1_unet.layers(SharedGroupNormAdapter)) == 61
@@ -92,14 +93,14 @@ def test_group_norm_sharing_is_independent_of_the_layer_choice(sd1_unet: SD1UNet
 def test_options_out_of_range_are_refused(sdxl_unet: SDXLUNet, options: dict[str, Any]) -> None:
     before = structure(sdxl_unet)
     with pytest.raises(ValueError) as error:
-        StyleAlignedAdapter(sdxl_unet, **options)
+        StyleAlignedAdapter(sdxl_unet, StyleAlignedOptions(**options))
     assert any(name in str(error.value) for name in options)
     assert structure(sdxl_unet) == before
 
 
 def test_misuse_is_refused_and_leaves_the_unet_as_it_was(sdxl_unet: SDXLUNet) -> None:
     before = structure(sdxl_unet)
-    adapter = StyleAlignedAdapter(sdxl_unet, share_group_norm=True)
+    adapter = StyleAlignedAdapter(sdxl_unet, StyleAlignedOptions(share_group_norm=True))
     other = StyleAlignedAdapter(sdxl_unet)
     with pytest.raises(RuntimeError, match="not injected"):
         adapter.eject()

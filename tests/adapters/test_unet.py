@@ -10,6 +10,7 @@ from refiners.fluxion.layers.chain import ChainError
 from refiners.foundationals.latent_diffusion import SD1UNet, SDXLUNet
 
 from style_aligned import SharedAttentionAdapter, SharedGroupNormAdapter, StyleAlignedAdapter, self_attention_layers
+from style_aligned.options import StyleAlignedOptions
 from tests.helpers import models
 
 TOLERANCE = 1e-5
@@ -57,7 +58,7 @@ def test_every_self_attention_and_group_norm_is_adapted(unet: SD1UNet | SDXLUNet
     blocks = [layer.block for layer in self_attention_layers(unet)]
     assert {block: blocks.count(block) for block in ("down", "mid", "up")} == BLOCK_COUNTS[kind]
 
-    adapter = StyleAlignedAdapter(unet, share_group_norm=True).inject()
+    adapter = StyleAlignedAdapter(unet, StyleAlignedOptions(share_group_norm=True)).inject()
     assert count(unet, SharedAttentionAdapter) == num_attention
     assert count(unet, SharedGroupNormAdapter) == num_norms
     adapter.eject()
@@ -68,7 +69,7 @@ def test_every_self_attention_and_group_norm_is_adapted(unet: SD1UNet | SDXLUNet
 def test_references_keep_plain_output_and_targets_change(
     unet: SD1UNet | SDXLUNet, baseline: dict[str, Any], options: dict[str, Any]
 ) -> None:
-    adapter = StyleAlignedAdapter(unet, **options).inject()
+    adapter = StyleAlignedAdapter(unet, StyleAlignedOptions(**options)).inject()
     try:
         output = models.run_unet(unet, baseline["inputs"])
     finally:
@@ -81,7 +82,10 @@ def test_references_keep_plain_output_and_targets_change(
 
 def test_one_image_with_guidance_equals_plain(unet: SD1UNet | SDXLUNet, baseline: dict[str, Any]) -> None:
     adapter = StyleAlignedAdapter(
-        unet, share_group_norm=True, adain_values=True, shared_score_scale=0.5, shared_score_shift=math.log(2)
+        unet,
+        StyleAlignedOptions(
+            share_group_norm=True, adain_values=True, shared_score_scale=0.5, shared_score_shift=math.log(2)
+        ),
     ).inject()
     try:
         output = models.run_unet(unet, baseline["single_inputs"])
@@ -91,7 +95,7 @@ def test_one_image_with_guidance_equals_plain(unet: SD1UNet | SDXLUNet, baseline
 
 
 def test_eject_restores_outputs_and_state_exactly(unet: SD1UNet | SDXLUNet, baseline: dict[str, Any]) -> None:
-    adapter = StyleAlignedAdapter(unet, share_group_norm=True, shared_score_shift=0.3).inject()
+    adapter = StyleAlignedAdapter(unet, StyleAlignedOptions(share_group_norm=True, shared_score_shift=0.3)).inject()
     assert not torch.equal(models.run_unet(unet, baseline["inputs"]), baseline["output"])
     adapter.eject()
     assert torch.equal(models.run_unet(unet, baseline["inputs"]), baseline["output"])
@@ -100,7 +104,7 @@ def test_eject_restores_outputs_and_state_exactly(unet: SD1UNet | SDXLUNet, base
 
 
 def test_inject_eject_twenty_times_changes_nothing(unet: SD1UNet | SDXLUNet, baseline: dict[str, Any]) -> None:
-    adapter = StyleAlignedAdapter(unet, share_group_norm=True)
+    adapter = StyleAlignedAdapter(unet, StyleAlignedOptions(share_group_norm=True))
     adapter.inject()
     first = models.run_unet(unet, baseline["inputs"])
     adapter.eject()
@@ -118,7 +122,7 @@ def test_inject_eject_twenty_times_changes_nothing(unet: SD1UNet | SDXLUNet, bas
 
 
 def test_only_self_level_one_equals_plain(unet: SD1UNet | SDXLUNet, baseline: dict[str, Any]) -> None:
-    adapter = StyleAlignedAdapter(unet, only_self_level=1.0).inject()
+    adapter = StyleAlignedAdapter(unet, StyleAlignedOptions(only_self_level=1.0)).inject()
     try:
         assert count(unet, SharedAttentionAdapter) == 0
         assert torch.equal(models.run_unet(unet, baseline["inputs"]), baseline["output"])
@@ -127,7 +131,7 @@ def test_only_self_level_one_equals_plain(unet: SD1UNet | SDXLUNet, baseline: di
 
 
 def test_scale_and_shift_change_on_injected_adapter(unet: SD1UNet | SDXLUNet, baseline: dict[str, Any]) -> None:
-    fresh = StyleAlignedAdapter(unet, shared_score_scale=0.7, shared_score_shift=0.4).inject()
+    fresh = StyleAlignedAdapter(unet, StyleAlignedOptions(shared_score_scale=0.7, shared_score_shift=0.4)).inject()
     expected = models.run_unet(unet, baseline["inputs"])
     fresh.eject()
     adapter = StyleAlignedAdapter(unet).inject()
@@ -141,7 +145,7 @@ def test_scale_and_shift_change_on_injected_adapter(unet: SD1UNet | SDXLUNet, ba
 def test_bad_batches_are_clear_errors_and_leave_the_unet_untouched(
     unet: SD1UNet | SDXLUNet, baseline: dict[str, Any]
 ) -> None:
-    adapter = StyleAlignedAdapter(unet, share_group_norm=True).inject()
+    adapter = StyleAlignedAdapter(unet, StyleAlignedOptions(share_group_norm=True)).inject()
     try:
         inputs = baseline["inputs"]
         for batch_size in (1, 3):
@@ -167,7 +171,7 @@ def pick(inputs: dict[str, torch.Tensor], images: list[int], per_half: int) -> d
 def set_of_eight(unet: SD1UNet | SDXLUNet, kind: str) -> dict[str, Any]:
     """A reference and 7 targets with CFG (16 rows), and their shared output in one batch."""
     inputs = models.unet_inputs(unet, batch_size=16, size=16 if kind == "sd1" else 8, seed=3)
-    adapter = StyleAlignedAdapter(unet, **SET_OPTIONS).inject()
+    adapter = StyleAlignedAdapter(unet, StyleAlignedOptions(**SET_OPTIONS)).inject()
     try:
         output = models.run_unet(unet, inputs)
     finally:
@@ -180,7 +184,7 @@ def test_targets_in_chunks_with_recorded_references_equal_one_batch(
     unet: SD1UNet | SDXLUNet, set_of_eight: dict[str, Any], chunk: int
 ) -> None:
     inputs, expected = set_of_eight["inputs"], set_of_eight["output"]
-    adapter = StyleAlignedAdapter(unet, **SET_OPTIONS).inject()
+    adapter = StyleAlignedAdapter(unet, StyleAlignedOptions(**SET_OPTIONS)).inject()
     try:
         with adapter.reference_cache.record():
             reference = models.run_unet(unet, pick(inputs, [0], 8))

@@ -15,6 +15,7 @@ from PIL import Image
 from style_aligned.cli import main as cli
 from style_aligned.evaluation.scoring import read_set
 from style_aligned.evaluation.sweep import contact_sheet, parse_grid, run_sweep, setting_label
+from style_aligned.options import StyleAlignedOptions
 from style_aligned.pipeline.generate import ProgressEvent, SetSpec
 from style_aligned.weights.loading import load_pipeline
 
@@ -136,11 +137,9 @@ def test_sd1_sweep(sd1_converted: Path, scorers: tuple[Path, Path], tmp_path: Pa
     assert capsys.readouterr().out == (out / "sweep.md").read_text() + f"{out}\n"
     folders = [Path(row["path"]) for row in table]
     assert folders[3].name == "04-shared_score_shift=1.5,share_group_norm=on"
-    assert json.loads((folders[3] / "set.json").read_text())["style"] == {
-        "adain_values": True,
-        "shared_score_shift": 1.5,
-        "share_group_norm": True,
-    }
+    assert json.loads((folders[3] / "set.json").read_text())["style"] == (
+        StyleAlignedOptions(adain_values=True, shared_score_shift=1.5, share_group_norm=True).to_dict()
+    )
 
     different = [Image.open(read_set(folder).images[1]).tobytes() for folder in folders]
     assert len(set(different)) == 4  # each setting changes the target
@@ -155,7 +154,7 @@ def sd(sd1_converted: Path) -> Iterator[Any]:
 
 def test_unscored_sweep_api(sd: Any, tmp_path: Path) -> None:
     events: list[ProgressEvent] = []
-    spec = SetSpec(prompts=[PROMPTS[0]], steps=1, width=64, height=64, style={"adain_values": True})
+    spec = SetSpec(prompts=[PROMPTS[0]], steps=1, width=64, height=64, style=StyleAlignedOptions(adain_values=True))
     result = run_sweep(sd, spec, parse_grid(["only-self-level=0,1"]), tmp_path, events.append, details={"model": "m"})
     assert result.labels == ["only_self_level=0", "only_self_level=1"]
     assert result.scores is None and result.csv is None and result.plot is None
@@ -167,7 +166,8 @@ def test_unscored_sweep_api(sd: Any, tmp_path: Path) -> None:
     ]
     assert Image.open(result.contact_sheet).size == (8 + 64 + 8, 8 + 32 + 2 * (32 + 64 + 8))
     sidecar = json.loads((result.folders[1] / "set.json").read_text())
-    assert (sidecar["model"], sidecar["style"]) == ("m", {"adain_values": True, "only_self_level": 1.0})
+    expected = StyleAlignedOptions(adain_values=True, only_self_level=1.0, share_group_norm=True).to_dict()
+    assert (sidecar["model"], sidecar["style"]) == ("m", expected)  # every effective option, SD1's shared GroupNorm
     per_set = 1 + 1  # one step of the reference (no target), then one image to decode
     assert [event.done for event in events] == list(range(1, 2 * per_set + 1))
     assert {event.total for event in events} == {2 * per_set}

@@ -11,12 +11,14 @@ from refiners.fluxion.layers.chain import ChainError
 from style_aligned import (
     AdaIN,
     GetReferences,
+    ReferenceCache,
     ScaleReferences,
     SharedAttentionAdapter,
     SharedGroupNormAdapter,
     SplitHalves,
 )
 from tests.helpers import spec_reference as spec
+from tests.helpers.layers import shared_attention
 
 TOLERANCE = 1e-5
 
@@ -38,7 +40,7 @@ def expected_output(layer: fl.SelfAttention, x: torch.Tensor, **options: float |
 
 
 def adapt(layer: fl.SelfAttention, **options: float | bool) -> SharedAttentionAdapter:
-    return SharedAttentionAdapter(layer.ensure_find(fl.ScaledDotProductAttention), **options).inject(layer)  # type: ignore[arg-type]
+    return shared_attention(layer, **options).inject(layer)
 
 
 def batch_sizes(classifier_free_guidance: bool) -> list[int]:
@@ -149,26 +151,33 @@ def test_shared_group_norm_matches_spec(classifier_free_guidance: bool, batch_si
     parent = fl.Chain(norm)
     x = torch.randn(batch_size, 32, 6, 5) * 3 + 1
     expected = spec.shared_group_norm(x, 8, norm.weight, norm.bias, 1e-6, classifier_free_guidance)
-    adapter = SharedGroupNormAdapter(norm, classifier_free_guidance).inject(parent)
+    adapter = SharedGroupNormAdapter(norm, classifier_free_guidance, ReferenceCache()).inject(parent)
     assert (parent(x) - expected).abs().max().item() <= TOLERANCE
     adapter.eject()
     assert torch.equal(parent(x), norm(x))
 
 
 def test_references_are_broadcast_views_and_scale_spares_the_reference() -> None:
-    x = SplitHalves(True)(torch.arange(6.0).reshape(6, 1, 1))  # (halves, per_half, tokens, channels)
+    x = SplitHalves(True, ReferenceCache())(torch.arange(6.0).reshape(6, 1, 1))  # (halves, per_half, tokens, channels)
     assert x.shape == (2, 3, 1, 1)
-    references = GetReferences()(x)
+    references = GetReferences(ReferenceCache())(x)
     assert references.flatten().tolist() == [0, 0, 0, 3, 3, 3]
     assert references.stride(1) == 0  # a broadcast view: no copy per image
-    assert GetReferences()(SplitHalves(False)(torch.arange(6.0).reshape(6, 1, 1))).flatten().tolist() == [0] * 6
-    assert ScaleReferences(0.5)(GetReferences()(x + 1)).flatten().tolist() == [1, 0.5, 0.5, 4, 2, 2]
+    assert (
+        GetReferences(ReferenceCache())(SplitHalves(False, ReferenceCache())(torch.arange(6.0).reshape(6, 1, 1)))
+        .flatten()
+        .tolist()
+        == [0] * 6
+    )
+    assert ScaleReferences(0.5, reference_cache=ReferenceCache())(
+        GetReferences(ReferenceCache())(x + 1)
+    ).flatten().tolist() == [1, 0.5, 0.5, 4, 2, 2]
 
 
 def test_adain_maps_reference_onto_itself() -> None:
     torch.manual_seed(7)
     x = torch.randn(2, 2, 30, 8) * 2 + 3
-    y = AdaIN()(x)
+    y = AdaIN(reference_cache=ReferenceCache())(x)
     assert torch.equal(y[:, 0], x[:, 0])
     assert torch.allclose(y[:, 1].mean(-2), x[:, 0].mean(-2), atol=1e-5)
     assert torch.allclose(y[:, 1].std(-2), x[:, 0].std(-2), rtol=1e-4)
@@ -184,7 +193,7 @@ def test_odd_batch_under_guidance_is_a_clear_error(batch_size: int) -> None:
 
 def test_empty_batch_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="empty batch"):
-        SplitHalves(False)(torch.randn(0, 8, 64))
+        SplitHalves(False, ReferenceCache())(torch.randn(0, 8, 64))
 
 
 def test_sliced_attention_matches_spec() -> None:

@@ -8,7 +8,8 @@ import refiners.fluxion.layers as fl
 import torch
 from refiners.fluxion.layers.chain import ChainError
 
-from style_aligned import ReferenceCache, SharedAttentionAdapter, SharedGroupNormAdapter
+from style_aligned import ReferenceCache, SharedGroupNormAdapter
+from tests.helpers.layers import shared_attention
 
 TOLERANCE = 1e-5
 OPTIONS: list[dict[str, Any]] = [
@@ -44,9 +45,7 @@ def test_attention_with_recorded_references_equals_one_batch(options: dict[str, 
     torch.manual_seed(0)
     layer = fl.SelfAttention(embedding_dim=64, num_heads=4)
     cache = ReferenceCache()
-    SharedAttentionAdapter(layer.ensure_find(fl.ScaledDotProductAttention), **options, reference_cache=cache).inject(
-        layer
-    )
+    shared_attention(layer, **options, reference_cache=cache).inject(layer)
     halves = 2 if options.get("classifier_free_guidance", True) else 1
     x = torch.randn(8 * halves, 24, 64)
     expected = layer(x)
@@ -72,7 +71,7 @@ def test_group_norm_with_recorded_references_equals_one_batch(classifier_free_gu
 def test_misuse_of_the_cache_is_a_clear_error() -> None:
     layer = fl.SelfAttention(embedding_dim=64, num_heads=4)
     cache = ReferenceCache()
-    SharedAttentionAdapter(layer.ensure_find(fl.ScaledDotProductAttention), reference_cache=cache).inject(layer)
+    shared_attention(layer, reference_cache=cache).inject(layer)
     with cache.replay(), pytest.raises(ChainError, match="no recorded references"):
         layer(torch.randn(4, 8, 64))
     with cache.record(), pytest.raises(ChainError, match="must hold only them"):
@@ -90,8 +89,6 @@ def test_misuse_of_the_cache_is_a_clear_error() -> None:
 
     joint = fl.SelfAttention(embedding_dim=64, num_heads=4)
     joint_cache = ReferenceCache()
-    SharedAttentionAdapter(
-        joint.ensure_find(fl.ScaledDotProductAttention), full_attention_share=True, reference_cache=joint_cache
-    ).inject(joint)
+    shared_attention(joint, full_attention_share=True, reference_cache=joint_cache).inject(joint)
     with joint_cache.record(), pytest.raises(ChainError, match="whole set in one batch"):
         joint(torch.randn(2, 8, 64))

@@ -17,6 +17,7 @@ from refiners.foundationals.latent_diffusion.stable_diffusion_xl.control_lora im
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl.t2i_adapter import SDXLT2IAdapter
 
 from style_aligned import StyleAlignedAdapter
+from style_aligned.options import StyleAlignedOptions
 from style_aligned.weights.controlnet_xl import SDXLControlnet, SDXLControlnetAdapter
 from style_aligned.weights.lora import LoraManager
 from style_aligned.weights.random_weights import build_random, fill_random_
@@ -69,7 +70,9 @@ def test_controlnet_guides_the_targets_only(
         assert (output[TARGET_ROWS] - without[TARGET_ROWS]).abs().max().item() > 1e-3
     assert (first[TARGET_ROWS] - second[TARGET_ROWS]).abs().max().item() > 1e-3  # each target follows its control
 
-    controlled = StyleAlignedAdapter(unet, control_reference=True).inject()  # the reference can be controlled too
+    controlled = StyleAlignedAdapter(
+        unet, StyleAlignedOptions(control_reference=True)
+    ).inject()  # the reference can be controlled too
     controlnet.inject()
     try:
         both = run(unet, inputs, lambda: controlnet.set_controlnet_condition(conditions(1)))

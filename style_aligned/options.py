@@ -1,0 +1,234 @@
+"""The StyleAligned options: one frozen record of the field list, the defaults per model kind, and the validation.
+
+The adapter, the set specs, the command line's option group, the sweep's grid and the set sidecars all derive from
+`StyleAlignedOptions`; each field's `help` (in its metadata) is the one-line explanation shown everywhere.
+"""
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import UnionType
+from typing import Any, Literal, Union, cast, get_args, get_origin
+
+import refiners.fluxion.layers as fl
+from refiners.foundationals.latent_diffusion import SD1UNet, SDXLUNet, StableDiffusion_1, StableDiffusion_XL
+
+ModelKind = Literal["sd1", "sdxl"]
+"""The model families StyleAligned supports: Stable Diffusion 1.x (and 2.x-style SD1 U-Nets) and SDXL."""
+Block = Literal["down", "mid", "up"]
+"""A block of the U-Net: its down blocks, its middle block or its up blocks."""
+BLOCKS: tuple[Block, ...] = get_args(Block)
+
+
+def model_kind(model: fl.Module) -> ModelKind:
+    """The kind of a Refiners U-Net or pipeline (`"sdxl"` or `"sd1"`).
+
+    Raises:
+        TypeError: If the model is neither.
+    """
+    if isinstance(model, SDXLUNet | StableDiffusion_XL):
+        return "sdxl"
+    if isinstance(model, SD1UNet | StableDiffusion_1):
+        return "sd1"
+    raise TypeError(f"expected an SD1 or SDXL U-Net or pipeline, got {type(model).__name__}")
+
+
+def _option(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True, kw_only=True)
+class StyleAlignedOptions:
+    """How the images of a set share the style of the reference (see `docs/parameters.md`).
+
+    Every field has a default; `share_group_norm` defaults to the reference implementation's example for the model
+    kind (`None` until `resolved`). Values are checked when the record is made.
+
+    Example:
+        ```py
+        options = StyleAlignedOptions(shared_score_shift=math.log(2))
+        adapter = StyleAlignedAdapter(sd.unet, options).inject()
+        ```
+    """
+
+    adain_queries: bool = _option(True, "AdaIN on the queries: match each image's query statistics to the reference's")
+    adain_keys: bool = _option(True, "AdaIN on the keys: match each image's key statistics to the reference's")
+    adain_values: bool = _option(False, "AdaIN on the values too (stronger colour transfer, less diversity)")
+    shared_score_scale: float = _option(
+        1.0, "factor on the reference keys given to the targets (> 0; below 1 weakens the style)"
+    )
+    shared_score_shift: float = _option(
+        0.0, "added to the attention logits of the reference tokens (log 2 = 0.69 weighs them twice)"
+    )
+    share_group_norm: bool | None = _option(
+        None, "GroupNorm statistics taken over each image and its reference (default: on for SD1, off for SDXL)"
+    )
+    only_self_level: float = _option(
+        0.0, "rough fraction of self-attention layers left unshared, spread evenly, in [0, 1] (more diverse sets)"
+    )
+    full_attention_share: bool = _option(
+        False, "every image attends to all images of the set, without AdaIN (leaks content between images)"
+    )
+    shared_layers: tuple[int, ...] | None = _option(
+        None, "indices of the self-attention layers to share, in running order (instead of only_self_level)"
+    )
+    shared_blocks: tuple[Block, ...] | None = _option(
+        None, "U-Net blocks whose self-attention layers to share: down, mid, up (instead of only_self_level)"
+    )
+    control_reference: bool = _option(
+        False, "ControlNets, Control-LoRAs and T2I-Adapters also control the reference (by default it is left free)"
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("shared_layers", "shared_blocks"):  # lists (from JSON or the command line) become tuples
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value))
+        self._check()
+
+    def _check(self) -> None:
+        scale, shift = self.shared_score_scale, self.shared_score_shift
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"shared_score_scale must be a finite number > 0, got {scale}")
+        if not math.isfinite(shift):
+            raise ValueError(f"shared_score_shift must be a finite number, got {shift}")
+        if self.full_attention_share and (scale != 1.0 or shift != 0.0):
+            raise ValueError("shared_score_scale and shared_score_shift have no effect with full_attention_share=True")
+        if not 0.0 <= self.only_self_level <= 1.0:
+            raise ValueError(f"only_self_level must be in [0, 1], got {self.only_self_level}")
+        ways = [self.only_self_level != 0.0, self.shared_layers is not None, self.shared_blocks is not None]
+        if sum(ways) > 1:
+            raise ValueError("choose the shared layers one way: only_self_level, shared_layers or shared_blocks")
+        if self.shared_layers is not None and (negative := [i for i in self.shared_layers if i < 0]):
+            raise ValueError(f"shared_layers must be indices >= 0, got {negative}")
+        if self.shared_blocks is not None and (unknown := sorted(set(self.shared_blocks) - set(BLOCKS))):
+            raise ValueError(f"unknown shared_blocks {unknown}: choose among {list(BLOCKS)}")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The option names, in order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        """The one-line explanation of an option."""
+        return next(f.metadata["help"] for f in dataclasses.fields(cls) if f.name == name)
+
+    @classmethod
+    def for_transfer(cls) -> "StyleAlignedOptions":
+        """The reference implementation's style-transfer example: shared GroupNorm, AdaIN on Q and K, shift log 2."""
+        return cls(share_group_norm=True, shared_score_shift=math.log(2))
+
+    def replace(self, **changes: Any) -> "StyleAlignedOptions":
+        """A copy with some options changed, checked.
+
+        Raises:
+            ValueError: If an option is unknown or out of range.
+        """
+        check_names(changes)
+        return dataclasses.replace(self, **changes)
+
+    def resolved(self, kind: ModelKind) -> "StyleAlignedOptions":
+        """The options with the model kind's defaults filled in (the reference examples: SD1 shares GroupNorm)."""
+        if self.share_group_norm is not None:
+            return self
+        return dataclasses.replace(self, share_group_norm=kind == "sd1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as JSON values (tuples as lists), for sidecars."""
+        return {name: _json(getattr(self, name)) for name in self.names()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "StyleAlignedOptions":
+        """Read options written by `to_dict` (missing ones take their defaults).
+
+        Raises:
+            ValueError: If an option is unknown or out of range.
+        """
+        check_names(data)
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class OptionField:
+    """What the command line, the sweep grid and the app need to know of one option, read from the dataclass.
+
+    Attributes:
+        name: The option's name.
+        help: Its one-line explanation.
+        kind: The type of its values: `bool`, `int`, `float` or `str` (a choice among `choices`).
+        choices: The allowed values of a `str` option.
+        many: Whether it takes a list of values.
+        default: Its default (`None`: the model kind's, or unset).
+    """
+
+    name: str
+    help: str
+    kind: type
+    choices: tuple[str, ...] | None
+    many: bool
+    default: Any
+
+
+def option_fields() -> tuple[OptionField, ...]:
+    """The fields of `StyleAlignedOptions`, in order, with their types unpacked."""
+    fields: list[OptionField] = []
+    for f in dataclasses.fields(StyleAlignedOptions):
+        annotation: Any = f.type
+        args = [arg for arg in get_args(annotation) if arg is not type(None)]
+        if get_origin(annotation) in (Union, UnionType):
+            annotation = args[0]
+        many = get_origin(annotation) is tuple
+        if many:
+            annotation = get_args(annotation)[0]
+        choices = tuple(str(arg) for arg in get_args(annotation)) if get_origin(annotation) is Literal else None
+        kind: type = str if choices is not None else annotation
+        fields.append(OptionField(f.name, f.metadata["help"], kind, choices, many, f.default))
+    return tuple(fields)
+
+
+BOOLEANS = {"true": True, "on": True, "yes": True, "1": True, "false": False, "off": False, "no": False, "0": False}
+
+
+def parse_option(name: str, text: str) -> bool | int | float | str:
+    """Parse the text of one value of a single-valued option (as a sweep grid gives it).
+
+    Raises:
+        ValueError: If the option is unknown, takes a list, or the value does not fit it.
+    """
+    check_names({name: text})
+    option = next(f for f in option_fields() if f.name == name)
+    if option.many:
+        raise ValueError(f"{name} takes a list of values: give it as a fixed option, not in a grid")
+    if option.kind is bool:
+        if text.lower() not in BOOLEANS:
+            raise ValueError(f"{name} takes true/false, on/off, yes/no or 1/0, got {text!r}")
+        return BOOLEANS[text.lower()]
+    if option.choices is not None:
+        if text not in option.choices:
+            raise ValueError(f"{name} takes one of {', '.join(option.choices)}, got {text!r}")
+        return text
+    try:
+        value = option.kind(text)
+    except ValueError:
+        raise ValueError(f"{name} takes numbers, got {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} takes finite numbers, got {text!r}")
+    return value
+
+
+def _json(value: object) -> object:
+    return list(cast(tuple[object, ...], value)) if isinstance(value, tuple) else value
+
+
+def check_names(options: Mapping[str, Any]) -> None:
+    """Check that every key names a StyleAligned option.
+
+    Raises:
+        ValueError: Naming the first unknown option.
+    """
+    names = StyleAlignedOptions.names()
+    for name in options:
+        if name not in names:
+            raise ValueError(f"unknown StyleAligned option {name!r}: choose among {', '.join(names)}")
