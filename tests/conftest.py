@@ -12,6 +12,17 @@ import torch
 from tests.helpers import diffusers_models as dm
 from tests.helpers import models
 
+FULL_SIZE_FIXTURES = frozenset({"sd1_source", "sd1_converted", "sd1_pipeline"})
+"""The session fixtures that build full-size random models: every test that uses one is `slow`."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `slow` every test that uses a full-size model through the shared fixtures (modules that build their own
+    full-size models mark themselves)."""
+    for item in items:
+        if FULL_SIZE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="module", autouse=True)
 def collect_garbage() -> Iterator[None]:
@@ -82,6 +93,6 @@ def sd1_pipeline(sd1_converted: Path) -> Any:
 
     from style_aligned.weights.loading import load_pipeline
 
-    model = load_pipeline(sd1_converted)
+    model = models.held("sd1-converted", lambda: load_pipeline(sd1_converted))  # drops any other held model
     assert isinstance(model, StableDiffusion_1)
     return model

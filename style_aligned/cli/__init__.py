@@ -8,6 +8,7 @@ from style_aligned.cli.evaluate import add_evaluate_command
 from style_aligned.cli.generate import add_generate_command
 from style_aligned.cli.sweep import add_sweep_command
 from style_aligned.cli.transfer import add_transfer_command
+from style_aligned.extras import MissingExtraError
 from style_aligned.weights.safetensors_io import WeightsError
 
 Command = Callable[[argparse.Namespace], None]
@@ -36,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     command: Command = args.command
     try:
         command(args)
-    except (WeightsError, ValueError, FileNotFoundError, ImportError) as error:
+    except (WeightsError, ValueError, FileNotFoundError, MissingExtraError) as error:
         parser.exit(2, f"style-aligned: error: {error}\n")
     except KeyboardInterrupt:
         parser.exit(130, "style-aligned: interrupted (files already written are complete)\n")

@@ -14,9 +14,9 @@ from style_aligned.evaluation.scoring import (
     batch_starts,
     evaluate_sets,
     find_sets,
-    markdown_table,
     read_set,
-    write_csv,
+    scores_table,
+    write_scores_csv,
 )
 
 
@@ -72,8 +72,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
     )
     prefix: Path = args.out or args.sets_dir / "evaluation"
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(evaluation)
-    write_csv(evaluation, Path(f"{prefix}.csv"))
+    table = scores_table(evaluation)
+    write_scores_csv(evaluation, Path(f"{prefix}.csv"))
     Path(f"{prefix}.md").write_text(table)
     print(table, end="")
     print(f"wrote {prefix}.csv and {prefix}.md", file=sys.stderr)

@@ -8,7 +8,6 @@ only (`save_pretrained` layout); `transformers` is imported when a model is load
 not need it.
 """
 
-import csv
 import json
 import math
 import os
@@ -21,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from style_aligned.evaluation.tables import SCORE_COLUMNS, markdown_table, score_text, write_csv
+from style_aligned.extras import require
 from style_aligned.pipeline.set_files import SIDECAR, read_sidecar
 
 CLIP_EXAMPLE = "openai/clip-vit-large-patch14"
@@ -30,11 +31,7 @@ DINO_MODEL_TYPES = ("vit", "dinov2", "dinov2_with_registers")
 
 
 def _transformers() -> Any:
-    try:
-        import transformers
-    except ImportError:
-        raise ImportError("evaluate needs transformers: pip install transformers") from None
-    return transformers
+    return require("transformers", extra="eval", feature="scoring sets with CLIP and DINO")
 
 
 def _read_config(folder: Path, kind: str, example: str) -> dict[str, Any]:
@@ -373,27 +370,21 @@ def evaluate_sets(
 COLUMNS = ("set", "command", "images", "text_alignment", "dino_consistency", "path")
 
 
-def write_csv(evaluation: Evaluation, path: Path) -> None:
+def write_scores_csv(evaluation: Evaluation, path: Path) -> None:
     """Write one row per set, then a `mean` row (images: their total; NaN is written `nan`)."""
-    with path.open("w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(COLUMNS)
-        for row in evaluation.sets:
-            writer.writerow([row.name, row.command, row.images, row.text_alignment, row.consistency, row.path])
-        writer.writerow(["mean", "", evaluation.images, evaluation.text_alignment, evaluation.consistency, ""])
-
-
-def markdown_table(evaluation: Evaluation) -> str:
-    """A Markdown table: one row per set, then the means over the sets (4 decimals; NaN is shown `n/a`)."""
-
-    def line(name: str, images: int, text_alignment: float, consistency: float) -> str:
-        numbers = ["n/a" if math.isnan(value) else f"{value:.4f}" for value in (text_alignment, consistency)]
-        return " | ".join(["", name.replace("|", r"\|"), str(images), *numbers, ""]).strip()
-
-    lines = [
-        "| set | images | text alignment (CLIP) | set consistency (DINO) |",
-        "|---|---:|---:|---:|",
-        *(line(row.name, row.images, row.text_alignment, row.consistency) for row in evaluation.sets),
-        line("**mean**", evaluation.images, evaluation.text_alignment, evaluation.consistency),
+    rows: list[list[object]] = [
+        [row.name, row.command, row.images, row.text_alignment, row.consistency, row.path] for row in evaluation.sets
     ]
-    return "\n".join(lines) + "\n"
+    rows.append(["mean", "", evaluation.images, evaluation.text_alignment, evaluation.consistency, ""])
+    write_csv(path, COLUMNS, rows)
+
+
+def scores_table(evaluation: Evaluation) -> str:
+    """A Markdown table: one row per set, then the means over the sets (see `tables.score_text`)."""
+    rows = [
+        [row.name, row.images, score_text(row.text_alignment), score_text(row.consistency)] for row in evaluation.sets
+    ]
+    rows.append(
+        ["**mean**", evaluation.images, score_text(evaluation.text_alignment), score_text(evaluation.consistency)]
+    )
+    return markdown_table(["set", "images", *SCORE_COLUMNS], [False, True, True, True], rows)

@@ -5,7 +5,6 @@ them too. With CLIP and DINO models, each set is scored and the sweep gets a tab
 against text alignment, one point per setting.
 """
 
-import csv
 import io
 import itertools
 import math
@@ -18,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image, ImageDraw, ImageFont
 
 from style_aligned.evaluation.scoring import ClipScorer, DinoScorer, SetScores, evaluate_set, read_set
+from style_aligned.evaluation.tables import SCORE_COLUMNS, json_score, markdown_table, score_text, write_csv
+from style_aligned.extras import require
 from style_aligned.options import option_fields, parse_option
 
 if TYPE_CHECKING:
@@ -137,16 +138,15 @@ def plot_consistency(points: Sequence[tuple[str, float, float]], path: Path) -> 
         path: The PNG file.
 
     Raises:
-        ImportError: If matplotlib is not installed.
+        MissingExtraError: If matplotlib is not installed.
     """
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ImportError("the sweep plot needs matplotlib: pip install 'style-aligned[eval]'") from None
     from style_aligned.pipeline.images import save_png
 
+    figure_module = require("matplotlib.figure", extra="eval", feature="the sweep plot")
     pixels = 420 + 20 * len(points)
-    figure: Any = Figure(figsize=(6.4, pixels / 100), dpi=100)  # matplotlib's stubs leave **kwargs untyped
+    figure: Any = figure_module.Figure(
+        figsize=(6.4, pixels / 100), dpi=100
+    )  # matplotlib's stubs leave **kwargs untyped
     key = 20 + 20 * len(points)
     axes: Any = figure.add_axes((0.12, (key + 60) / pixels, 0.83, 300 / pixels))
     for number, (_, alignment, consistency) in enumerate(points, start=1):
@@ -199,25 +199,20 @@ def _offset(progress: "Progress | None", index: int, count: int) -> "Progress | 
     return report
 
 
-def _json(value: float) -> float | None:
-    return None if math.isnan(value) else value
-
-
 def _tables(settings: list[dict[str, Any]], scores: list[SetScores], csv_path: Path) -> str:
     names = list(dict.fromkeys(name for setting in settings for name in setting))
-    with csv_path.open("w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["setting", *names, "images", "text_alignment", "dino_consistency", "path"])
-        for number, (setting, row) in enumerate(zip(settings, scores, strict=True), start=1):
-            values = [setting.get(name, "") for name in names]
-            writer.writerow([number, *values, row.images, row.text_alignment, row.consistency, row.path])
-    lines = [f"| # | {' | '.join(names)} | text alignment (CLIP) | set consistency (DINO) |"]
-    lines.append("|---:|" + "---|" * len(names) + "---:|---:|")
-    for number, (setting, row) in enumerate(zip(settings, scores, strict=True), start=1):
-        values = [_text(setting[name]) if name in setting else "" for name in names]
-        metrics = ["n/a" if math.isnan(value) else f"{value:.4f}" for value in (row.text_alignment, row.consistency)]
-        lines.append(f"| {number} | {' | '.join([*values, *metrics])} |")
-    return "\n".join(lines) + "\n"
+    numbered = list(enumerate(zip(settings, scores, strict=True), start=1))
+    csv_rows = [
+        [number, *[setting.get(name, "") for name in names], row.images, row.text_alignment, row.consistency, row.path]
+        for number, (setting, row) in numbered
+    ]
+    write_csv(csv_path, ["setting", *names, "images", "text_alignment", "dino_consistency", "path"], csv_rows)
+    rows = [
+        [number, *[_text(setting[name]) if name in setting else "" for name in names]]
+        + [score_text(row.text_alignment), score_text(row.consistency)]
+        for number, (setting, row) in numbered
+    ]
+    return markdown_table(["#", *names, *SCORE_COLUMNS], [True, *[False] * len(names), True, True], rows)
 
 
 def run_sweep(
@@ -305,7 +300,7 @@ def run_sweep(
     (out / MARKDOWN_TABLE).write_text(_tables(plain, scores, out / CSV_TABLE))
     plot_consistency([(row.name, row.text_alignment, row.consistency) for row in scores], out / PLOT)
     for entry, row in zip(entries, scores, strict=True):
-        entry.update(text_alignment=_json(row.text_alignment), dino_consistency=_json(row.consistency))
+        entry.update(text_alignment=json_score(row.text_alignment), dino_consistency=json_score(row.consistency))
     outputs = {"settings": entries, "contact_sheet": CONTACT_SHEET, "table": CSV_TABLE, "plot": PLOT}
     write_json(out / SUMMARY, summary | outputs)
     return replace(result, scores=scores, csv=out / CSV_TABLE, markdown=out / MARKDOWN_TABLE, plot=out / PLOT)

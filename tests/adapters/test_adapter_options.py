@@ -46,6 +46,7 @@ def test_only_self_level_spreads_unshared_layers_like_the_reference() -> None:
     assert unshared_by_level(16, 0.99) == [True] * 16
 
 
+@pytest.mark.slow
 def test_layer_choice_by_level_index_and_block(sdxl_unet: SDXLUNet) -> None:
     layers = self_attention_layers(sdxl_unet)
     assert len(shared_indices(StyleAlignedAdapter(sdxl_unet, StyleAlignedOptions(only_self_level=0.3)))) == 70 - 24
@@ -63,6 +64,7 @@ def test_layer_choice_by_level_index_and_block(sdxl_unet: SDXLUNet) -> None:
         up.eject()
 
 
+@pytest.mark.slow
 def test_group_norm_sharing_is_independent_of_the_layer_choice(sd1_unet: SD1UNet) -> None:
     adapter = StyleAlignedAdapter(sd1_unet, StyleAlignedOptions(share_group_norm=True, only_self_level=1.0)).inject()
     try:
@@ -72,6 +74,7 @@ def test_group_norm_sharing_is_independent_of_the_layer_choice(sd1_unet: SD1UNet
         adapter.eject()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "options",
     [
@@ -98,6 +101,7 @@ def test_options_out_of_range_are_refused(sdxl_unet: SDXLUNet, options: dict[str
     assert structure(sdxl_unet) == before
 
 
+@pytest.mark.slow
 def test_misuse_is_refused_and_leaves_the_unet_as_it_was(sdxl_unet: SDXLUNet) -> None:
     before = structure(sdxl_unet)
     adapter = StyleAlignedAdapter(sdxl_unet, StyleAlignedOptions(share_group_norm=True))
@@ -125,6 +129,7 @@ def test_misuse_is_refused_and_leaves_the_unet_as_it_was(sdxl_unet: SDXLUNet) ->
     assert structure(sdxl_unet) == before
 
 
+@pytest.mark.slow
 def test_targets_that_are_not_unets_are_refused(sdxl_unet: SDXLUNet) -> None:
     with pytest.raises(TypeError, match=r"pass its `\.unet`"):
         StyleAlignedAdapter(SimpleNamespace(unet=sdxl_unet))  # type: ignore[type-var]

@@ -26,6 +26,9 @@ from tests.helpers import models
 REFERENCE_ROWS, TARGET_ROWS = [0, 2], [1, 3]  # batch of 1 reference + 1 target, with guidance
 
 
+pytestmark = pytest.mark.slow  # full-size random models
+
+
 @pytest.fixture(scope="module")
 def unet() -> SDXLUNet:
     return models.sdxl_unet()

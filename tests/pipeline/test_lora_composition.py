@@ -10,6 +10,8 @@ from refiners.foundationals.latent_diffusion.lora import SDLoraManager
 from style_aligned import SharedAttentionAdapter, StyleAlignedAdapter
 from tests.helpers import models
 
+pytestmark = pytest.mark.slow  # full-size random models
+
 
 def lora_tensors(seed: int = 0, rank: int = 4) -> dict[str, torch.Tensor]:
     """A LoRA on the q, k, v projections of the first self-attention layer (diffusers/kohya key layout)."""

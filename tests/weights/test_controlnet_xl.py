@@ -3,6 +3,7 @@
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from refiners.foundationals.latent_diffusion import SDXLUNet
 
@@ -12,6 +13,8 @@ from style_aligned.weights.loading import load_model
 from tests.helpers import diffusers_models as dm
 from tests.helpers import models
 from tests.helpers.compare import assert_close
+
+pytestmark = pytest.mark.slow  # full-size random models
 
 
 def residuals(adapter: SDXLControlnetAdapter, unet: SDXLUNet, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:

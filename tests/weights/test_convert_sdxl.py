@@ -18,6 +18,8 @@ from tests.helpers import diffusers_models as dm
 from tests.helpers import models
 from tests.helpers.compare import assert_close
 
+pytestmark = pytest.mark.slow  # full-size random models
+
 PROMPTS = ["a toy train. macro photo. 3d game asset", "an owl in a snowy forest, watercolor"]
 
 
