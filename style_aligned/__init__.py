@@ -1,4 +1,15 @@
-"""StyleAligned shared attention for Stable Diffusion, as composable Refiners adapters."""
+"""StyleAligned shared attention for Stable Diffusion, as composable Refiners adapters.
+
+The package, by layer of the architecture:
+
+- `layers`: the method as Fluxion modules (references, AdaIN, shifted attention, the reference cache);
+- `adapters`: `StyleAlignedAdapter` and the per-layer adapters it injects, and the choice of layers;
+- `options`: `StyleAlignedOptions`, every option of the method with its defaults and checks;
+- `weights`: reading, converting and loading model weights, LoRAs and the SDXL ControlNet;
+- `pipeline`: whole sets: generation, style transfer (DDIM inversion), composition with other adapters, set files;
+- `evaluation`: the paper's metrics, sweeps of options and their tables;
+- `cli`: the `style-aligned` command, one module per subcommand.
+"""
 
 from style_aligned.adapters.group_norm import SharedGroupNormAdapter
 from style_aligned.adapters.shared_attention import SharedAttentionAdapter
@@ -15,10 +26,22 @@ from style_aligned.layers.references import (
     SplitHalves,
 )
 from style_aligned.options import StyleAlignedOptions
+from style_aligned.pipeline.generate import GeneratedSet, SetSpec, generate_set
+from style_aligned.pipeline.inversion import ReferenceTrajectory
+from style_aligned.pipeline.transfer import TransferSpec, make_trajectory, transfer_set
+from style_aligned.weights.loading import load_pipeline
 
 __all__ = [
     "AdaIN",
     "AppendReferences",
+    "GeneratedSet",
+    "ReferenceTrajectory",
+    "SetSpec",
+    "TransferSpec",
+    "generate_set",
+    "load_pipeline",
+    "make_trajectory",
+    "transfer_set",
     "CheckBatchLayout",
     "GetReferences",
     "JointScaledDotProductAttention",
