@@ -1,5 +1,6 @@
 """Generate a style-consistent set: the reference once per step, the targets in chunks, at constant memory."""
 
+import math
 from collections.abc import Callable, Generator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -96,17 +97,35 @@ class SetSpec:
         height = self.height or width
         guidance = (5.0 if is_sdxl else 7.5) if self.guidance is None else self.guidance
         spec = replace(self, width=width, height=height, guidance=guidance, style=dict(self.style))
-        if not spec.image_prompts():
-            raise ValueError("a set needs at least one prompt")
-        if width % 8 or height % 8 or width < 8 or height < 8:
-            raise ValueError(f"the image size must be multiples of 8 pixels, got {width}x{height}")
-        if spec.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {spec.steps}")
-        if spec.chunk_size is not None and spec.chunk_size < 1:
-            raise ValueError(f"chunk_size must be at least 1, got {spec.chunk_size}")
-        if spec.style.get("classifier_free_guidance", True) is False:
-            raise ValueError("sets are generated with classifier-free guidance: leave classifier_free_guidance on")
+        spec.check()
         return spec
+
+    def check(self) -> None:
+        """Check every setting that can be checked without the model (the size only if given).
+
+        Raises:
+            ValueError: If a setting is out of range.
+        """
+        if not self.image_prompts():
+            raise ValueError("a set needs at least one prompt")
+        width, height = self.width or self.height, self.height or self.width
+        if width is not None and height is not None and (width % 8 or height % 8 or width < 8 or height < 8):
+            raise ValueError(f"the image size must be multiples of 8 pixels, got {width}x{height}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {self.chunk_size}")
+        if self.guidance is not None and not self.guidance >= 0:
+            raise ValueError(f"the guidance scale must be a number >= 0, got {self.guidance}")
+        if self.style.get("classifier_free_guidance", True) is False:
+            raise ValueError("sets are generated with classifier-free guidance: leave classifier_free_guidance on")
+        scale, shift = self.style.get("shared_score_scale", 1.0), self.style.get("shared_score_shift", 0.0)
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"shared_score_scale must be a finite number > 0, got {scale}")
+        if not math.isfinite(shift):
+            raise ValueError(f"shared_score_shift must be a finite number, got {shift}")
+        if (level := self.style.get("only_self_level")) is not None and not 0 <= level <= 1:
+            raise ValueError(f"only_self_level must be in [0, 1], got {level}")
 
 
 @dataclass
