@@ -49,15 +49,13 @@ def small_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_ids_revisions_and_variants_resolve_offline(small_cache: Path, tmp_path: Path) -> None:
-    code = (
-        """
+    code = """
 import json
 from style_aligned.weights.hub import resolve_model
-models = [resolve_model(*case) for case in (("test-org/sd1", False), ("test-org/sd1", True), ("test-org/sd1@%s", True))]
+cases = (("test-org/sd1", False), ("test-org/sd1", True), ("test-org/sd1@OLD", True))
+models = [resolve_model(*case) for case in cases]
 print(json.dumps([[str(model.path), model.variant, model.reference] for model in models]))
-"""
-        % OLD
-    )
+""".replace("OLD", OLD)
     result = run_offline(small_cache, code, tmp_path / "opened.json")
     assert result.returncode == 0, result.stderr
     (plain, half, old) = json.loads(result.stdout.strip().splitlines()[-1])
