@@ -6,6 +6,7 @@ conversion of that file must match the source's outputs.
 """
 
 import gc
+import math
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +17,9 @@ import torch
 from refiners.foundationals.latent_diffusion import StableDiffusion_1
 
 from style_aligned.cli import main as cli
-from style_aligned.weights.architectures import PIPELINES
+from style_aligned.weights.architectures import ARCHITECTURES, PIPELINES
 from style_aligned.weights.loading import load_pipeline
-from style_aligned.weights.original_layout import original_key, pipeline_keys
+from style_aligned.weights.original_layout import Origin, original_key, pipeline_keys
 from style_aligned.weights.safetensors_io import write_safetensors
 from tests.helpers.compare import assert_close
 from tests.helpers.single_file import assert_equals_folder, oracle_models, write_single_file
@@ -39,6 +40,49 @@ def test_every_key_has_one_original_name(kind: str) -> None:
         else {"model", "first_stage_model", "conditioner"}
     )
     assert len(PIPELINES[kind]) == len(pipeline_keys(kind))
+
+
+def tiny_original_checkpoint(kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Origin]]:
+    """An original-layout checkpoint of tiny tensors, each with its own values, and the origin of each diffusers key.
+
+    The shapes only keep what the converters look at: the rank, and the width of OpenCLIP's text projection (2) that
+    splits a fused `in_proj` of 6 rows into query, key and value.
+    """
+    origins: dict[str, Origin] = {}
+    checkpoint: dict[str, torch.Tensor] = {}
+    for keys in pipeline_keys(kind).values():
+        for key in keys:
+            origin = origins[key] = original_key(kind, key)
+            number = 10.0 * len(checkpoint)
+            shapes = {"copy": (1,), "reshape": (1, 1, 1, 1), "transpose": (2, 2), "chunk": (6, 1)}
+            shape = shapes[origin.op]
+            checkpoint.setdefault(
+                origin.key, number + torch.arange(math.prod(shape), dtype=torch.float32).reshape(shape)
+            )
+    return checkpoint, origins
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_diffusers_own_converters_read_the_layout(kind: str) -> None:
+    """diffusers' single-file converters (the functions `from_single_file` runs) turn the original keys into the
+    diffusers keys that this project maps them to, and the tensors into the same tensors."""
+    from diffusers.loaders import single_file_utils as sfu  # type: ignore[import-untyped]
+
+    checkpoint, origins = tiny_original_checkpoint(kind)
+    configs = {name.split("_", 1)[1]: ARCHITECTURES[name].configs for name in PIPELINES[kind]}
+    converted = {
+        "unet": sfu.convert_ldm_unet_checkpoint(checkpoint, configs["unet"]["unet"]),
+        "vae": sfu.convert_ldm_vae_checkpoint(checkpoint, configs["autoencoder"]["vae"]),
+        "text_encoder": sfu.convert_ldm_clip_checkpoint(checkpoint),
+    }
+    if kind == "sdxl":
+        converted["text_encoder_2"] = sfu.convert_open_clip_checkpoint(
+            None, checkpoint, prefix="conditioner.embedders.1.model."
+        )
+    for key, origin in origins.items():
+        component, _, diffusers_key = key.partition("/")
+        tensor = converted[component][diffusers_key]
+        assert torch.equal(origin.apply(checkpoint[origin.key], tuple(tensor.shape)), tensor), key
 
 
 def exit_message(arguments: list[str], capsys: pytest.CaptureFixture[str]) -> str:
