@@ -316,6 +316,10 @@ def convert(
     from style_aligned.weights.hub import resolve_model
 
     dtype = torch.float16 if half else None
+    if not overwrite and not Path(source).exists():  # a Hub pipeline: check before fetching it
+        names = {ARCHITECTURES[name].filename for names in PIPELINES.values() for name in names}
+        if existing := sorted(str(destination / name) for name in names if (destination / name).exists()):
+            raise WeightsError(f"{', '.join(existing)} already exist (pass overwrite=True / --overwrite to replace)")
     resolved = resolve_model(source, half=half)
     source, variant = resolved.path, variant or resolved.variant
     written: list[Path] = []
@@ -333,7 +337,7 @@ def convert(
                 metadata = {
                     "format": "refiners",
                     "model": model.architecture.name,
-                    "source": str(source.resolve()),
+                    "source": resolved.reference if resolved.from_hub else str(source.resolve()),
                     "dtype": str(entries[0][1]).removeprefix("torch."),
                     "converter": f"style-aligned {version('style-aligned')}",
                 }

@@ -32,11 +32,13 @@ class HubModel:
         path: The folder (a diffusers pipeline, a converted folder) or the single file.
         variant: The weights variant to read in that folder (`"fp16"`), or None for the plain weights.
         reference: What the user named it (a path or a Hub id), for messages and set files.
+        from_hub: Whether it was named by a Hub id (`path` is then a snapshot in the Hugging Face cache).
     """
 
     path: Path
     variant: str | None = None
     reference: str = ""
+    from_hub: bool = False
 
 
 def parse_repo_id(text: str) -> tuple[str, str | None] | None:
@@ -204,7 +206,7 @@ def download_pipeline(repo_id: str, revision: str | None = None, half: bool = Fa
     else:
         folder = cached
     variant = "fp16" if variants == {"fp16"} else None
-    return HubModel(folder, variant, name)
+    return HubModel(folder, variant, name, from_hub=True)
 
 
 def resolve_model(reference: str | Path, half: bool = False) -> HubModel:
