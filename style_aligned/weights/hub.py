@@ -113,20 +113,18 @@ def _hub_call(call: Callable[[], T], repo_id: str, revision: str | None, files: 
 
 
 def _repo_files(repo_id: str, revision: str | None) -> tuple[Path | None, set[str]]:
-    """The files of a repo: listed by the Hub, or, offline, those of the cached snapshot (then also its folder)."""
-    from huggingface_hub.errors import OfflineModeIsEnabled
-
-    HfApi, snapshot_download = _hf().HfApi, _hf().snapshot_download
-
+    """The files of a repo: listed by the Hub, or, offline or unreachable, those of the cached snapshot (then also its
+    folder)."""
     if not _offline():
         try:
-            files = _hub_call(lambda: HfApi().list_repo_files(repo_id, revision=revision), repo_id, revision)
+            files = _hub_call(lambda: _hf().HfApi().list_repo_files(repo_id, revision=revision), repo_id, revision)
             return None, set(files)
         except WeightsError as error:
             if "cannot be reached" not in str(error):
                 raise
-        except (OSError, OfflineModeIsEnabled):
+        except Exception:  # no connection (httpx errors are not OSErrors): use the cache, as huggingface_hub does
             pass
+    snapshot_download = _hf().snapshot_download
     folder = Path(
         _hub_call(lambda: snapshot_download(repo_id, revision=revision, local_files_only=True), repo_id, revision)
     )
@@ -205,7 +203,7 @@ def download_pipeline(repo_id: str, revision: str | None = None, half: bool = Fa
         )
     else:
         folder = cached
-    variant = "fp16" if variants == {"fp16"} else None
+    variant = "fp16" if "fp16" in variants else None  # preferred where present, the plain weights elsewhere
     return HubModel(folder, variant, name, from_hub=True)
 
 
