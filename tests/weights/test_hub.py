@@ -119,7 +119,19 @@ def sd1_cache(sd1_source: dict[str, Any], tmp_path_factory: pytest.TempPathFacto
     shutil.rmtree(root)
 
 
-GENERATE = ["generate", "--device", "cpu", "--prompt", "a toy train", "--prompt", "a toy car", "--steps", "2", "--size", "64x64"]
+GENERATE = [
+    "generate",
+    "--device",
+    "cpu",
+    "--prompt",
+    "a toy train",
+    "--prompt",
+    "a toy car",
+    "--steps",
+    "2",
+    "--size",
+    "64x64",
+]
 
 
 @pytest.mark.slow
