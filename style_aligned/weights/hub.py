@@ -69,8 +69,8 @@ def _offline() -> bool:
 def _how_to_get(repo_id: str, revision: str | None, files: str = "") -> str:
     command = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "") + files
     return (
-        f"download it on a machine with access to the Hub (`{command}`, then copy the Hugging Face cache), or run"
-        " without HF_HUB_OFFLINE"
+        "fetch it where the Hub can be reached (run the same command there once, or `" + command + "`) and copy the"
+        " Hugging Face cache (HF_HOME) here, or run without HF_HUB_OFFLINE"
     )
 
 
