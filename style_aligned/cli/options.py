@@ -173,7 +173,8 @@ def check_files(args: argparse.Namespace) -> None:
     """Check that the local input files given exist (Hub files are fetched when the model loads).
 
     Raises:
-        FileNotFoundError: If a control image or IP-Adapter image is missing.
+        FileNotFoundError: If a control or IP-Adapter image is missing, or a weights file is neither a local file
+            nor a Hub file id.
     """
     from style_aligned.weights.hub import parse_file_id
 
