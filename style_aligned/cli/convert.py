@@ -21,10 +21,17 @@ def run_convert(args: argparse.Namespace) -> None:
 
 def add_convert_command(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "Convert a diffusers folder (an SD1 or SDXL pipeline with unet/, text_encoder/, [text_encoder_2/,] vae/;"
-        " or a ControlNet) to one Refiners .safetensors file per model. Only safetensors weights are read."
+        "Convert an SD1 or SDXL pipeline to one Refiners .safetensors file per model: a diffusers folder (unet/,"
+        " text_encoder/, [text_encoder_2/,] vae/; or a ControlNet), a single-file checkpoint in the original Stability"
+        " layout, or a Hugging Face Hub repo id org/name[@revision]. Only safetensors weights are read."
     )
-    parser.add_argument("--from", dest="source", type=Path, required=True, metavar="SRC_DIR", help="diffusers folder")
+    parser.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="SRC",
+        help="diffusers folder, single .safetensors checkpoint, or Hub repo id org/name[@revision]",
+    )
     parser.add_argument("--to", dest="destination", type=Path, required=True, metavar="DST_DIR", help="output folder")
     parser.add_argument("--half", action="store_true", help="store floating-point weights as float16")
     parser.add_argument("--overwrite", action="store_true", help="replace existing files in DST_DIR")

@@ -31,10 +31,10 @@ def add_evaluate_command(parser: argparse.ArgumentParser) -> None:
     for name, example in (("clip", CLIP_EXAMPLE), ("dino", DINO_EXAMPLE)):
         parser.add_argument(
             f"--{name}",
-            type=Path,
-            required=True,
-            metavar=f"{name.upper()}_DIR",
-            help=f"folder of a {name.upper()} model and processor saved with save_pretrained (e.g. {example})",
+            default=example,
+            metavar=name.upper(),
+            help=f"a {name.upper()} model and processor: a Hub repo id org/name[@revision] or a folder saved with"
+            f" save_pretrained (default: {example})",
         )
     parser.add_argument(
         "--out", type=Path, metavar="PREFIX", help="write PREFIX.csv and PREFIX.md (default: SETS_DIR/evaluation)"

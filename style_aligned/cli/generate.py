@@ -7,6 +7,8 @@ from style_aligned.cli.options import (
     add_model_options,
     add_set_options,
     add_style_options,
+    check_files,
+    check_out,
     load_model,
     set_fields,
     style_options,
@@ -22,8 +24,11 @@ def run_generate(args: argparse.Namespace) -> None:
     spec = SetSpec(
         **set_fields(args),
         reference_prompt=args.reference_prompt,
-        style=StyleAlignedOptions().replace(**style_options(args)),
+        style=StyleAlignedOptions.from_dict(style_options(args)),
     )
+    spec.check()  # everything that can be checked before the model is read
+    check_out(args.out, args.overwrite)
+    check_files(args)
     sd = load_model(args)
     spec = spec.resolved(sd)
     write_set(
@@ -31,6 +36,7 @@ def run_generate(args: argparse.Namespace) -> None:
         lambda bar: generate_set(sd, spec, progress=bar),
         sidecar("generate", spec, spec.image_prompts(), model=str(args.model)),
         title=f"style-aligned set, seed {spec.seed}",
+        overwrite=args.overwrite,
     )
 
 

@@ -1,6 +1,8 @@
 """The option groups that the commands share, and what they turn into: specs, models, progress, set files."""
 
 import argparse
+import glob
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +13,8 @@ import torch
 from style_aligned.options import StyleAlignedOptions, option_fields
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+MARKERS = ("set.json", "sweep.json")  # a folder holding one of these was written by style-aligned
 
 
 def size(text: str) -> tuple[int, int]:
@@ -24,8 +28,14 @@ def size(text: str) -> tuple[int, int]:
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", type=Path, required=True, metavar="DIR", help="converted or diffusers SD folder")
-    group.add_argument("--cache-dir", type=Path, help="keep the conversion of a diffusers folder here")
+    group.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        metavar="MODEL",
+        help="a Hugging Face Hub repo id org/name[@revision], a diffusers or converted folder, or a single-file"
+        f" SD1/SDXL checkpoint (.safetensors, original layout); default: {DEFAULT_MODEL}",
+    )
+    group.add_argument("--cache-dir", type=Path, help="keep the conversion of a diffusers folder or single file here")
     group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     group.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: float16 on GPU, float32 on CPU")
 
@@ -64,18 +74,27 @@ def add_set_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--size", type=size, default=None, metavar="WxH", help="default: 1024 (SDXL), 512 (SD1)")
     group.add_argument("--chunk-size", type=int, default=None, metavar="N", help="targets per batch (default: all)")
     group.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write the images")
+    group.add_argument("--overwrite", action="store_true", help="replace the set already in --out (it must be one)")
 
 
 def add_extras_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("ControlNet, LoRA, IP-Adapter")
-    group.add_argument("--controlnet", type=Path, metavar="FILE", help="a ControlNet converted by `convert`")
+    group.add_argument(
+        "--controlnet", metavar="FILE", help="a ControlNet converted by `convert` (a file, or org/name/path on the Hub)"
+    )
     group.add_argument(
         "--control", type=Path, action="append", metavar="IMAGE", help="control image: one for all targets or one per"
     )
     group.add_argument("--control-scale", type=float, default=1.0, metavar="S", help="ControlNet scale (default: 1)")
-    group.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="a LoRA and its scale (repeat)")
-    group.add_argument("--ip-adapter", type=Path, metavar="FILE", help="IP-Adapter weights (Refiners layout)")
-    group.add_argument("--ip-adapter-encoder", type=Path, metavar="FILE", help="its CLIP ViT-H image encoder")
+    group.add_argument(
+        "--lora", action="append", metavar="FILE[:SCALE]", help="a LoRA (file or org/name/path on the Hub), its scale"
+    )
+    group.add_argument(
+        "--ip-adapter", metavar="FILE", help="IP-Adapter weights (published layout; file or org/name/path)"
+    )
+    group.add_argument(
+        "--ip-adapter-encoder", metavar="FILE", help="its CLIP ViT-H image encoder (transformers or Refiners layout)"
+    )
     group.add_argument("--ip-adapter-image", type=Path, metavar="IMAGE", help="the image prompt")
     group.add_argument("--ip-adapter-scale", type=float, default=1.0, metavar="S", help="IP-Adapter scale")
 
@@ -85,9 +104,9 @@ def lora(text: str) -> Any:
 
     path, _, scale = text.rpartition(":")
     try:
-        return LoraSpec(Path(path), float(scale)) if path else LoraSpec(Path(text))
+        return LoraSpec(path, float(scale)) if path else LoraSpec(text)
     except ValueError:
-        return LoraSpec(Path(text))
+        return LoraSpec(text)
 
 
 def extras(args: argparse.Namespace) -> dict[str, Any]:
@@ -123,6 +142,47 @@ def set_fields(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an output folder that is not empty, unless `overwrite` is given and it holds style-aligned output.
+
+    Raises:
+        ValueError: If the folder is a file, or is not empty and may not be replaced.
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise ValueError(f"--out {out} is not empty: choose another folder, or pass --overwrite to replace its set")
+    if not any((out / marker).is_file() for marker in MARKERS):
+        raise ValueError(
+            f"--out {out} is not empty and holds no set written by style-aligned ({' or '.join(MARKERS)}): it is not"
+            " replaced, even with --overwrite; choose another folder"
+        )
+
+
+def check_files(args: argparse.Namespace) -> None:
+    """Check that the local input files given exist (Hub files are fetched when the model loads).
+
+    Raises:
+        FileNotFoundError: If a control or IP-Adapter image is missing, or a weights file is neither a local file
+            nor a Hub file id.
+    """
+    from style_aligned.weights.hub import parse_file_id
+
+    images: list[Path] = list(getattr(args, "control", None) or [])
+    if (image := getattr(args, "ip_adapter_image", None)) is not None:
+        images.append(image)
+    if missing := [str(path) for path in images if not path.is_file()]:
+        raise FileNotFoundError(f"no such image: {', '.join(missing)}")
+    loras: list[str] = getattr(args, "lora", None) or []
+    weights = [lora(text).path for text in loras]
+    weights += [getattr(args, name, None) for name in ("controlnet", "ip_adapter", "ip_adapter_encoder")]
+    for reference in filter(None, weights):
+        if not Path(reference).exists() and parse_file_id(str(reference)) is None:
+            raise FileNotFoundError(f"{reference} does not exist (give a file, or a Hub file as org/name/path/in/repo)")
+
+
 def load_model(args: argparse.Namespace) -> Any:
     from style_aligned.weights.loading import load_pipeline
 
@@ -152,23 +212,45 @@ class ProgressBar:
         self._bar.close()
 
 
-def write_set(out: Path, make: Callable[[ProgressBar], Any], details: dict[str, Any], title: str) -> None:
+def write_set(
+    out: Path, make: Callable[[ProgressBar], Any], details: dict[str, Any], title: str, overwrite: bool = False
+) -> None:
     """Write a set's sidecar, make the set under a progress bar, then write its images and grid, and print `out`.
 
     Args:
-        out: The set's folder (created if needed).
+        out: The set's folder (created if needed; see `check_out`).
         make: Makes the set (a `GeneratedSet`), reporting to the progress bar it is given.
         details: The sidecar (see `set_files.sidecar`); written first, so that an interrupted set says what it was.
         title: The title of the grid image.
+        overwrite: Replace the set in `out`: the new set is written beside it and takes its place only when complete,
+            so the folder then holds exactly the new set (and the old one stays whole if the new one fails).
     """
+    import shutil
+    import uuid
+
     from style_aligned.pipeline.set_files import SIDECAR, write_json, write_set_images
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / SIDECAR, details)
-    bar = ProgressBar(f"{len(details['image_prompts'])} images")
+    check_out(out, overwrite)
+    replacing = out.is_dir() and any(out.iterdir())
+    if out.parent.is_dir():
+        for stale in out.parent.glob(f".{glob.escape(out.name)}.*.partial"):  # left by a killed replacement
+            shutil.rmtree(stale, ignore_errors=True)
+    folder = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial") if replacing else out
+    folder.mkdir(parents=True, exist_ok=True)
     try:
-        generated = make(bar)
+        write_json(folder / SIDECAR, details)
+        bar = ProgressBar(f"{len(details['image_prompts'])} images")
+        try:
+            generated = make(bar)
+        finally:
+            bar.close()
+        write_set_images(folder, generated.images, generated.prompts, title=title)
+        if replacing:
+            old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")
+            os.replace(out, old)
+            os.replace(folder, out)
+            shutil.rmtree(old)
     finally:
-        bar.close()
-    write_set_images(out, generated.images, generated.prompts, title=title)
+        if replacing and folder.exists():
+            shutil.rmtree(folder)
     print(out)

@@ -1,6 +1,7 @@
 """`style-aligned sweep`: one set per setting of a grid of StyleAligned options."""
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -10,12 +11,16 @@ from style_aligned.cli.options import (
     add_model_options,
     add_set_options,
     add_style_options,
+    check_files,
+    check_out,
     load_model,
     set_fields,
     style_options,
 )
+from style_aligned.evaluation.scoring import CLIP_EXAMPLE, DINO_EXAMPLE
 from style_aligned.evaluation.sweep import OPTIONS, parse_grid, run_sweep
 from style_aligned.options import StyleAlignedOptions
+from style_aligned.weights.hub import parse_repo_id
 
 
 def add_sweep_command(parser: argparse.ArgumentParser) -> None:
@@ -38,8 +43,11 @@ def add_sweep_command(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=V1,V2,...",
         help=f"an option and its values (repeat; all combinations are generated); NAME: {', '.join(OPTIONS)}",
     )
-    group.add_argument("--clip", type=Path, metavar="CLIP_DIR", help="score the sets with this CLIP (with --dino)")
-    group.add_argument("--dino", type=Path, metavar="DINO_DIR", help="score the sets with this DINO (with --clip)")
+    group.add_argument(
+        "--score", action="store_true", help=f"score the sets (default scorers: {CLIP_EXAMPLE}, {DINO_EXAMPLE})"
+    )
+    group.add_argument("--clip", metavar="CLIP", help="score the sets with this CLIP (Hub repo id or folder)")
+    group.add_argument("--dino", metavar="DINO", help="score the sets with this DINO (Hub repo id or folder)")
     group.add_argument("--text-until", metavar="SEP", help="score text alignment up to SEP (see evaluate)")
     add_style_options(parser)
     add_extras_options(parser)
@@ -54,15 +62,20 @@ def run_sweep_command(args: argparse.Namespace) -> None:
     fixed = style_options(args)
     if both := [name for name in settings[0] if name in fixed]:
         raise ValueError(f"{', '.join(both)} given both as a fixed option and in --grid: give each in one place")
-    if (args.clip is None) != (args.dino is None):
-        raise ValueError("scoring a sweep needs both --clip and --dino (or neither)")
-    for folder in (args.clip, args.dino):
-        if folder is not None and not folder.is_dir():
-            raise FileNotFoundError(f"the scorer folder {folder} does not exist")
+    if args.score or args.clip or args.dino:
+        args.clip, args.dino = args.clip or CLIP_EXAMPLE, args.dino or DINO_EXAMPLE
+    for name in (args.clip, args.dino):
+        if name is not None and not Path(name).is_dir() and parse_repo_id(name) is None:
+            raise FileNotFoundError(f"the scorer {name} is neither a folder nor a Hub repo id (org/name)")
     spec = SetSpec(
-        **set_fields(args), reference_prompt=args.reference_prompt, style=StyleAlignedOptions().replace(**fixed)
+        **set_fields(args), reference_prompt=args.reference_prompt, style=StyleAlignedOptions.from_dict(fixed)
     )
+    spec.check()  # everything that can be checked before the model is read
+    check_out(args.out, args.overwrite)
+    check_files(args)
     sd = load_model(args)
+    if args.overwrite and args.out.is_dir():  # check_out allowed it: the folder holds a sweep or a set
+        shutil.rmtree(args.out)
     bar = ProgressBar(f"{len(settings)} settings x {len(spec.image_prompts())} images")
     try:
         result = run_sweep(

@@ -9,6 +9,8 @@ from style_aligned.cli.options import (
     add_model_options,
     add_set_options,
     add_style_options,
+    check_files,
+    check_out,
     extras,
     load_model,
     style_options,
@@ -44,6 +46,12 @@ def run_transfer(args: argparse.Namespace) -> None:
         fit=args.fit,
         **extras(args),
     )
+    spec.check()  # everything that can be checked before the model is read
+    image_path: Path | None = args.image
+    if image_path is not None and not image_path.is_file():
+        raise FileNotFoundError(f"the reference image {image_path} does not exist")
+    check_out(args.out, args.overwrite)
+    check_files(args)
     sd = load_model(args)
     spec = spec.resolved(sd)
     if trajectory is None:
@@ -70,6 +78,7 @@ def run_transfer(args: argparse.Namespace) -> None:
         lambda bar: transfer_set(sd, reference, spec, progress=bar),
         sidecar("transfer", spec, prompts, **details),
         title=f"style transfer, seed {spec.seed}",
+        overwrite=args.overwrite,
     )
 
 

@@ -3,9 +3,9 @@
 Text alignment is the cosine similarity of the CLIP embeddings of an image and of its prompt (or of the prompt's
 first part, the object's description), averaged over the images of a set. Set consistency is the cosine similarity
 of the DINO CLS embeddings of two images of a set, averaged over all unordered pairs; a set of one image has no pair,
-and its consistency is NaN (shown as n/a, left out of the mean). The models are read from local Hugging Face folders
-only (`save_pretrained` layout); `transformers` is imported when a model is loaded, so the rest of the package does
-not need it.
+and its consistency is NaN (shown as n/a, left out of the mean). The models are read from Hugging Face folders
+(`save_pretrained` layout) or Hub repo ids (safetensors weights only); `transformers` is imported when a model is
+loaded, so the rest of the package does not need it.
 """
 
 import json
@@ -23,6 +23,7 @@ from PIL import Image
 from style_aligned.evaluation.tables import SCORE_COLUMNS, markdown_table, score_text, write_csv
 from style_aligned.extras import require
 from style_aligned.pipeline.set_files import SIDECAR, read_sidecar
+from style_aligned.weights.hub import SCORER_FILES, resolve_folder
 
 CLIP_EXAMPLE = "openai/clip-vit-large-patch14"
 DINO_EXAMPLE = "facebook/dino-vitb8"
@@ -63,11 +64,12 @@ def batch_starts(count: int, batch_size: int) -> range:
 class ClipScorer:
     """CLIP image-text cosine similarity, from a local folder (a `CLIPModel` and its processor)."""
 
-    def __init__(self, folder: Path, device: torch.device | str = "cpu") -> None:
+    def __init__(self, folder: Path | str = CLIP_EXAMPLE, device: torch.device | str = "cpu") -> None:
         """Load the model in float32.
 
         Args:
-            folder: A CLIP model and processor saved with `save_pretrained` (e.g. openai/clip-vit-large-patch14).
+            folder: A CLIP model and processor saved with `save_pretrained`, or a Hub repo id (default:
+                openai/clip-vit-large-patch14), fetched through `huggingface_hub` (safetensors weights only).
             device: The torch device.
 
         Raises:
@@ -75,6 +77,7 @@ class ClipScorer:
             ValueError: If the folder holds no CLIP model or processor.
         """
         transformers = _transformers()
+        folder = resolve_folder(folder, SCORER_FILES)
         model_type = _read_config(folder, "CLIP", CLIP_EXAMPLE).get("model_type")
         if model_type != "clip":
             raise ValueError(
@@ -82,7 +85,9 @@ class ClipScorer:
             )
         self.device = torch.device(device)
         self.model: Any = _load(
-            "CLIP", folder, lambda: transformers.CLIPModel.from_pretrained(folder, local_files_only=True)
+            "CLIP",
+            folder,
+            lambda: transformers.CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True),
         )
         self.model.to(device=self.device, dtype=torch.float32).eval()
         self.processor: Any = _load(
@@ -126,11 +131,12 @@ class ClipScorer:
 class DinoScorer:
     """DINO CLS embeddings, from a local folder (a ViT such as facebook/dino-vitb8 and its image processor)."""
 
-    def __init__(self, folder: Path, device: torch.device | str = "cpu") -> None:
+    def __init__(self, folder: Path | str = DINO_EXAMPLE, device: torch.device | str = "cpu") -> None:
         """Load the model in float32.
 
         Args:
-            folder: A DINO model and image processor saved with `save_pretrained` (e.g. facebook/dino-vitb8).
+            folder: A DINO model and image processor saved with `save_pretrained`, or a Hub repo id (default:
+                facebook/dino-vitb8), fetched through `huggingface_hub` (safetensors weights only).
             device: The torch device.
 
         Raises:
@@ -138,6 +144,7 @@ class DinoScorer:
             ValueError: If the folder holds no ViT model or image processor.
         """
         transformers = _transformers()
+        folder = resolve_folder(folder, SCORER_FILES)
         model_type = _read_config(folder, "DINO", DINO_EXAMPLE).get("model_type")
         if model_type not in DINO_MODEL_TYPES:
             raise ValueError(
@@ -147,7 +154,11 @@ class DinoScorer:
         options = {"add_pooling_layer": False} if model_type == "vit" else {}
         self.device = torch.device(device)
         self.model: Any = _load(
-            "DINO", folder, lambda: transformers.AutoModel.from_pretrained(folder, local_files_only=True, **options)
+            "DINO",
+            folder,
+            lambda: transformers.AutoModel.from_pretrained(
+                folder, local_files_only=True, use_safetensors=True, **options
+            ),
         )
         self.model.to(device=self.device, dtype=torch.float32).eval()
         self.processor: Any = _load(

@@ -221,8 +221,8 @@ def run_sweep(
     settings: Sequence[Mapping[str, Any]],
     out: Path,
     progress: "Progress | None" = None,
-    clip: Path | None = None,
-    dino: Path | None = None,
+    clip: Path | str | None = None,
+    dino: Path | str | None = None,
     text_until: str | None = None,
     details: Mapping[str, Any] | None = None,
 ) -> SweepResult:
@@ -238,8 +238,8 @@ def run_sweep(
         settings: The `StyleAlignedAdapter` options of each set (e.g. from `parse_grid`), over `spec.style`.
         out: The output folder.
         progress: Called as the work proceeds, over the whole sweep.
-        clip: A CLIP folder to score the sets (with `dino`), see `evaluation.ClipScorer`.
-        dino: A DINO folder, see `evaluation.DinoScorer`.
+        clip: A CLIP folder or Hub repo id to score the sets (with `dino`), see `evaluation.ClipScorer`.
+        dino: A DINO folder or Hub repo id, see `evaluation.DinoScorer`.
         text_until: See `evaluation.evaluate_set`.
         details: More fields for the sidecars (e.g. the model's path).
 

@@ -22,6 +22,8 @@ from torch import Tensor
 
 from style_aligned.pipeline.images import fit_image
 from style_aligned.weights.controlnet_xl import SDXLControlnetAdapter
+from style_aligned.weights.hub import resolve_file
+from style_aligned.weights.ip_adapter import image_encoder_to_refiners, ip_adapter_to_refiners
 from style_aligned.weights.loading import load_model
 from style_aligned.weights.lora import LoraManager, load_lora_file
 from style_aligned.weights.safetensors_io import read_tensors
@@ -36,7 +38,8 @@ class ControlSpec:
     """A ControlNet that guides the targets of a set (the reference gets no control unless asked).
 
     Attributes:
-        weights: A ControlNet file converted by `style-aligned convert` (SD1 or SDXL, as the model).
+        weights: A ControlNet file converted by `style-aligned convert` (SD1 or SDXL, as the model), or such a file
+            on the Hub (`org/name/path/in/repo.safetensors`).
         images: The control images: one for all targets, or one per target, in order.
         scale: The factor on the ControlNet's residuals.
     """
@@ -48,7 +51,7 @@ class ControlSpec:
 
 @dataclass
 class LoraSpec:
-    """A LoRA file (kohya, peft or diffusers layout) and its scale."""
+    """A LoRA file (kohya, peft or diffusers layout; a path or a Hub file `org/name/path.safetensors`) and its scale."""
 
     path: str | Path
     scale: float = 1.0
@@ -59,8 +62,10 @@ class IPAdapterSpec:
     """An IP-Adapter whose image prompt conditions every image of the set.
 
     Attributes:
-        weights: The IP-Adapter's weights in Refiners' layout (`.safetensors`).
-        image_encoder: The CLIP ViT-H image encoder's weights in Refiners' layout (`.safetensors`).
+        weights: The IP-Adapter's weights (`.safetensors`) as published (`image_proj.*`, `ip_adapter.N.*`) or in
+            Refiners' layout: a file, or a Hub file `org/name/path/in/repo.safetensors`.
+        image_encoder: The CLIP ViT-H image encoder's weights in the transformers layout (as published beside the
+            IP-Adapters) or in Refiners' layout: a file, or a Hub file.
         image: The image prompt.
         scale: The IP-Adapter's scale.
     """
@@ -156,7 +161,7 @@ class Composition:
         manager = LoraManager(sd)
         for index, lora in enumerate(extras.loras):
             name = f"lora_{index}"
-            manager.add_loras(name, tensors=load_lora_file(lora.path), scale=lora.scale)
+            manager.add_loras(name, tensors=load_lora_file(resolve_file(lora.path)), scale=lora.scale)
             self._lora_names.append(name)
         if extras.ip_adapter is not None:  # before the ControlNets, so that it conditions the U-Net only
             self._ip_adapter, self._ip_embedding = self._image_prompt(extras.ip_adapter)
@@ -180,12 +185,18 @@ class Composition:
         sd = self.sd
         with torch.device("meta"):
             encoder = CLIPImageEncoderH()
-        encoder.load_state_dict(_to(read_tensors(spec.image_encoder), sd), assign=True)
-        weights = _to(read_tensors(spec.weights), sd)
+        encoder_weights = image_encoder_to_refiners(read_tensors(resolve_file(spec.image_encoder)))
+        try:
+            encoder.load_state_dict(_to(encoder_weights, sd), assign=True)
+        except RuntimeError as error:
+            message = str(error).splitlines()[0]
+            raise ValueError(f"{spec.image_encoder} is not a CLIP ViT-H image encoder: {message}") from None
+        weights = read_tensors(resolve_file(spec.weights))
         if isinstance(sd, StableDiffusion_XL):
             adapter: Any = SDXLIPAdapter(sd.unet, clip_image_encoder=encoder, scale=spec.scale)
         else:
             adapter = SD1IPAdapter(sd.unet, clip_image_encoder=encoder, scale=spec.scale)
+        weights = _to(ip_adapter_to_refiners(weights, len(adapter.sub_adapters), str(spec.weights)), sd)
         _load_ip_adapter(adapter, weights, spec.weights)
         adapter.inject()
         with torch.no_grad():

@@ -101,15 +101,27 @@ class SetSpec:
         height = self.height or width
         guidance = DEFAULT_GUIDANCE[kind] if self.guidance is None else self.guidance
         spec = replace(self, width=width, height=height, guidance=guidance, style=self.style.resolved(kind))
-        if not spec.image_prompts():
-            raise ValueError("a set needs at least one prompt")
-        if width % 8 or height % 8 or width < 8 or height < 8:
-            raise ValueError(f"the image size must be multiples of 8 pixels, got {width}x{height}")
-        if spec.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {spec.steps}")
-        if spec.chunk_size is not None and spec.chunk_size < 1:
-            raise ValueError(f"chunk_size must be at least 1, got {spec.chunk_size}")
+        spec.check()
         return spec
+
+    def check(self) -> None:
+        """Check every setting that can be checked without the model (the size only if given).
+
+        Raises:
+            ValueError: If a setting is out of range.
+        """
+        if not self.image_prompts():
+            raise ValueError("a set needs at least one prompt")
+        width, height = self.width or self.height, self.height or self.width
+        if width is not None and height is not None and (width % 8 or height % 8 or width < 8 or height < 8):
+            raise ValueError(f"the image size must be multiples of 8 pixels, got {width}x{height}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {self.chunk_size}")
+        if self.guidance is not None and not self.guidance >= 0:
+            raise ValueError(f"the guidance scale must be a number >= 0, got {self.guidance}")
+        # the StyleAligned options were checked when `style` was made (see `StyleAlignedOptions`)
 
 
 @dataclass

@@ -2,19 +2,21 @@
 
 import os
 import textwrap
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from style_aligned.weights.safetensors_io import partial_name, remove_stale_partials
+
 Fit = Literal["crop", "resize"]
 
 
 def save_png(image: Image.Image, path: Path) -> None:
     """Write a PNG atomically: a temporary file beside `path`, renamed when complete."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    remove_stale_partials(path)
+    temporary = partial_name(path)
     try:
         image.save(temporary, format="PNG")
         os.replace(temporary, path)

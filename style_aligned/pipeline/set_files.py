@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict
 from importlib.metadata import version
@@ -15,6 +14,7 @@ from PIL import Image
 
 from style_aligned.pipeline.generate import SetSpec
 from style_aligned.pipeline.images import labelled_grid, save_png
+from style_aligned.weights.safetensors_io import partial_name, remove_stale_partials
 
 SIDECAR = "set.json"
 GRID = "grid.png"
@@ -32,7 +32,8 @@ def _plain(value: object) -> str:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON atomically (paths as text)."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    remove_stale_partials(path)
+    temporary = partial_name(path)
     try:
         temporary.write_text(json.dumps(data, indent=2, default=_plain) + "\n")
         os.replace(temporary, path)

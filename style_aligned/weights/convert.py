@@ -16,6 +16,7 @@ from torch import Tensor
 
 from style_aligned.weights.architectures import ARCHITECTURES, PIPELINES, Architecture
 from style_aligned.weights.key_maps import load_key_map
+from style_aligned.weights.original_layout import SingleFileSource, is_single_file, open_single_file
 from style_aligned.weights.safetensors_io import (
     PICKLE_SUFFIXES,
     SafetensorsReader,
@@ -39,18 +40,23 @@ def canonical_key(config_name: str, key: str) -> str:
     return key
 
 
-def weight_files(folder: Path) -> list[Path]:
+def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
     """Find the safetensors weights of a diffusers or transformers model folder (single, variant or sharded).
+
+    Args:
+        folder: The model folder.
+        variant: The variant to prefer (e.g. `"fp16"` for `*.fp16.safetensors`); without one, or if the folder lacks
+            it, the plain weights are preferred, then any variant.
 
     Raises:
         WeightsError: If the folder only has pickle weights, or none.
     """
+    preferred = [f".{variant}", "", ".*"] if variant else ["", ".*"]
     for name in _WEIGHT_NAMES:
-        for pattern in (f"{name}.safetensors", f"{name}.*.safetensors"):
-            if found := sorted(folder.glob(pattern)):
+        for infix in preferred:
+            if found := sorted(folder.glob(f"{name}{infix}.safetensors")):
                 return found[:1]
-        for pattern in (f"{name}.safetensors.index.json", f"{name}.*.safetensors.index.json"):
-            if found := sorted(folder.glob(pattern)):
+            if found := sorted(folder.glob(f"{name}{infix}.safetensors.index.json")):
                 return _shards(found[0])
     if pickles := sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES):
         raise pickle_error(pickles[0])
@@ -117,12 +123,13 @@ class ModelSource:
         ```
     """
 
-    def __init__(self, architecture: Architecture, folders: dict[str, Path]) -> None:
+    def __init__(self, architecture: Architecture, folders: dict[str, Path], variant: str | None = None) -> None:
         """Check a source.
 
         Args:
             architecture: The architecture the weights should have.
             folders: The folder of each of the architecture's configurations (e.g. `{"unet": root / "unet"}`).
+            variant: The weights variant to prefer (e.g. `"fp16"`), see `weight_files`.
 
         Raises:
             WeightsError: If a folder, its configuration, its files or its keys do not fit the architecture.
@@ -136,7 +143,7 @@ class ModelSource:
                     raise WeightsError(f"{folder} is missing: the {architecture.description} needs it")
                 check_config(folder, architecture, config_name)
                 prefix = f"{config_name}/" if len(folders) > 1 else ""
-                for path in weight_files(folder):
+                for path in weight_files(folder, variant):
                     reader = SafetensorsReader(path)
                     self._readers.append(reader)
                     self._sources.update(
@@ -247,13 +254,28 @@ def detect_source(root: Path) -> dict[str, dict[str, Path]]:
     return {name: {config_name: root for config_name in ARCHITECTURES[name].configs}}
 
 
+Source = ModelSource | SingleFileSource
+
+
 @contextmanager
-def open_sources(root: Path) -> Generator[list[ModelSource]]:
-    """Open and check every model of a diffusers folder; all are checked before any is used."""
-    sources: list[ModelSource] = []
+def open_sources(root: Path, variant: str | None = None) -> Generator[list[Source]]:
+    """Open and check every model of a diffusers folder or single-file checkpoint; all are checked before any is used.
+
+    Args:
+        root: A diffusers pipeline or model folder, or a single `.safetensors` checkpoint in the original layout.
+        variant: For a diffusers folder, the weights variant to prefer (e.g. `"fp16"`).
+    """
+    if is_single_file(root):
+        reader, single = open_single_file(root)
+        try:
+            yield list(single)
+        finally:
+            reader.close()
+        return
+    sources: list[Source] = []
     try:
         for name, folders in detect_source(root).items():
-            sources.append(ModelSource(ARCHITECTURES[name], folders))
+            sources.append(ModelSource(ARCHITECTURES[name], folders, variant))
         yield sources
     finally:
         for source in sources:
@@ -261,13 +283,15 @@ def open_sources(root: Path) -> Generator[list[ModelSource]]:
 
 
 def convert(
-    source: Path,
+    source: Path | str,
     destination: Path,
+    *,
     half: bool = False,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
+    variant: str | None = None,
 ) -> list[Path]:
-    """Convert a diffusers pipeline or model folder into a folder of Refiners `.safetensors` files.
+    """Convert a diffusers folder, a single-file checkpoint or a Hub pipeline into a folder of Refiners files.
 
     Each model becomes one file (`unet.safetensors`, `text_encoder.safetensors`, `autoencoder.safetensors` or
     `controlnet.safetensors`) whose metadata names its source, model kind and dtype. Tensors are streamed one at a
@@ -275,11 +299,13 @@ def convert(
     call wrote are removed: nothing is left half-written.
 
     Args:
-        source: The diffusers folder.
+        source: A diffusers pipeline or model folder, a single-file SD1/SDXL checkpoint in the original Stability
+            layout, or a Hugging Face Hub pipeline repo id `org/name[@revision]` (see `hub.resolve_model`).
         destination: The folder to write to (created if needed).
         half: Store floating-point weights as float16.
         overwrite: Replace existing files in `destination`.
         progress: Called with a message before each model is converted.
+        variant: For a diffusers folder, the weights variant to prefer (e.g. `"fp16"`; a Hub id picks it by `half`).
 
     Returns:
         The files written.
@@ -287,10 +313,18 @@ def convert(
     Raises:
         WeightsError: If the source is not valid (see `ModelSource`) or a file would be overwritten.
     """
+    from style_aligned.weights.hub import resolve_model
+
     dtype = torch.float16 if half else None
+    if not overwrite and not Path(source).exists():  # a Hub pipeline: check before fetching it
+        names = {ARCHITECTURES[name].filename for names in PIPELINES.values() for name in names}
+        if existing := sorted(str(destination / name) for name in names if (destination / name).exists()):
+            raise WeightsError(f"{', '.join(existing)} already exist (pass overwrite=True / --overwrite to replace)")
+    resolved = resolve_model(source, half=half)
+    source, variant = resolved.path, variant or resolved.variant
     written: list[Path] = []
     created = not destination.exists()
-    with open_sources(source) as sources:
+    with open_sources(source, variant) as sources:
         outputs = [destination / model.architecture.filename for model in sources]
         if not overwrite and (existing := [str(path) for path in outputs if path.exists()]):
             raise WeightsError(f"{', '.join(existing)} already exist (pass overwrite=True / --overwrite to replace)")
@@ -303,7 +337,7 @@ def convert(
                 metadata = {
                     "format": "refiners",
                     "model": model.architecture.name,
-                    "source": str(source.resolve()),
+                    "source": resolved.reference if resolved.from_hub else str(source.resolve()),
                     "dtype": str(entries[0][1]).removeprefix("torch."),
                     "converter": f"style-aligned {version('style-aligned')}",
                 }

@@ -16,7 +16,9 @@ from refiners.foundationals.latent_diffusion.solvers import DDIM
 from torch import Tensor
 
 from style_aligned.weights.architectures import ARCHITECTURES, PIPELINES, Architecture
-from style_aligned.weights.convert import ModelSource, convert, detect_source
+from style_aligned.weights.convert import convert, open_sources
+from style_aligned.weights.hub import resolve_file, resolve_model
+from style_aligned.weights.original_layout import is_single_file
 from style_aligned.weights.safetensors_io import SafetensorsReader, WeightsError
 
 StableDiffusion = StableDiffusion_XL | StableDiffusion_1
@@ -71,7 +73,8 @@ def load_model(
     """Load a converted Refiners model file.
 
     Args:
-        path: A `.safetensors` file written by `convert` (its metadata tells the model kind).
+        path: A `.safetensors` file written by `convert` (its metadata tells the model kind), or such a file on the
+            Hub as `org/name[@revision]/path/in/repo.safetensors`.
         device: Where to put the model.
         dtype: The floating-point dtype of the model.
         kind: The model kind expected (e.g. `"sdxl_unet"`); an error if the file holds another.
@@ -79,6 +82,7 @@ def load_model(
     Raises:
         WeightsError: If the file is not a valid converted model of the expected kind.
     """
+    path = resolve_file(path)
     found = model_kind(path)
     if kind is not None and found != kind:
         raise WeightsError(
@@ -111,41 +115,48 @@ def load_pipeline(
     dtype: torch.dtype = torch.float32,
     cache_dir: Path | str | None = None,
 ) -> StableDiffusion:
-    """Build a ready `StableDiffusion_XL` or `StableDiffusion_1` from a converted folder or a diffusers folder.
+    """Build a ready `StableDiffusion_XL` or `StableDiffusion_1` from wherever the model is kept.
 
     Args:
         path: A folder written by `convert` (`unet.safetensors`, `text_encoder.safetensors`,
-            `autoencoder.safetensors`), or a diffusers pipeline folder (with `model_index.json`), converted on the fly.
+            `autoencoder.safetensors`); a diffusers pipeline folder (with `model_index.json`) or a single-file
+            checkpoint in the original Stability layout (SD1.x or SDXL `.safetensors`), converted on the fly; or a
+            Hugging Face Hub repo id `org/name[@revision]`, fetched through `huggingface_hub` (only the configs and
+            safetensors weights of the components used; the fp16 variant when `dtype` is half precision).
         device: Where to put the models.
         dtype: The floating-point dtype of the models.
-        cache_dir: For a diffusers folder, keep the converted files here and reuse them next time.
+        cache_dir: For a diffusers folder or a single file, keep the converted files here and reuse them next time.
 
     Returns:
         The pipeline, with a 50-step DDIM solver.
 
     Raises:
-        WeightsError: If the folder does not hold a complete, valid SD1 or SDXL pipeline.
+        WeightsError: If the model cannot be found or fetched, or is not a complete, valid SD1 or SDXL pipeline.
     """
-    path = Path(path)
-    if (path / "model_index.json").is_file():
+    resolved = resolve_model(path, half=dtype in (torch.float16, torch.bfloat16))
+    path = resolved.path
+    if (path / "model_index.json").is_file() or is_single_file(path):
         if cache_dir is not None:
-            cached = (
-                Path(cache_dir) / f"{path.resolve().name}-{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
-            )
+            digest = hashlib.sha1(f"{path.resolve()}:{resolved.variant}".encode()).hexdigest()[:8]
+            cached = Path(cache_dir) / f"{path.resolve().name}-{digest}"
             if not (cached / "unet.safetensors").is_file():
-                convert(path, cached, overwrite=True)
+                convert(path, cached, overwrite=True, variant=resolved.variant)
             return load_pipeline(cached, device=device, dtype=dtype)
         models: dict[str, fl.Chain] = {}
-        for name, folders in detect_source(path).items():
-            with ModelSource(ARCHITECTURES[name], folders) as source:
+        with open_sources(path, resolved.variant) as sources:
+            for source in sources:
                 keys = [key for key, _, _ in source.entries()]
-                models[name] = _build(ARCHITECTURES[name], keys, source.read, device, dtype, str(path))
+                architecture = source.architecture
+                models[architecture.name] = _build(architecture, keys, source.read, device, dtype, str(path))
         kind = "sdxl" if "sdxl_unet" in models else "sd1"
         return _pipeline(kind, models, device, dtype)
 
     unet_file = path / "unet.safetensors"
     if not unet_file.is_file():
-        raise WeightsError(f"{path} holds neither converted weights (unet.safetensors) nor a diffusers pipeline")
+        raise WeightsError(
+            f"{path} holds neither converted weights (unet.safetensors), a diffusers pipeline (model_index.json),"
+            " nor is it a single-file checkpoint"
+        )
     kind = model_kind(unet_file).removesuffix("_unet")
     if kind not in PIPELINES:
         raise WeightsError(f"{unet_file} is not the U-Net of an SD1 or SDXL pipeline")

@@ -1,14 +1,17 @@
 """Checked, streaming reading and atomic writing of `.safetensors` files; pickle files are refused, never opened.
 
-The reader parses and validates the header (sizes, offsets, dtypes) before any tensor is read, and reads one tensor
-at a time with plain file reads, so a whole model never needs to sit in memory twice. The writer streams tensors to
-a temporary file beside the destination and renames it only once complete.
+The reader parses and validates the header (sizes, offsets, dtypes) before any tensor is read, then reads one tensor
+at a time through `safetensors.safe_open` (memory-mapped), so a whole model never needs to sit in memory twice. The
+writer, which the library lacks, streams tensors to a temporary file beside the destination and renames it only once
+complete; temporary files left by a killed writer are removed the next time the same destination is written.
 """
 
+import glob
 import json
 import math
 import os
 import uuid
+import warnings
 from collections.abc import Callable, Iterable
 from io import BufferedReader
 from pathlib import Path
@@ -16,6 +19,7 @@ from types import TracebackType
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import Tensor
 
 DTYPES: dict[str, torch.dtype] = {
@@ -41,13 +45,16 @@ class WeightsError(ValueError):
 
 def pickle_error(path: Path) -> WeightsError:
     """The error for a pickle checkpoint, which is never loaded: it can run arbitrary code."""
+    target = (
+        path.with_suffix(".safetensors")
+        if path.suffix != ".safetensors"
+        else path.with_suffix(".converted.safetensors")
+    )
     return WeightsError(
-        f"{path} is a pickle checkpoint, which style-aligned never loads (unpickling can run arbitrary code)."
-        " Convert it to safetensors first, in an environment you trust, e.g.:\n"
-        f"  python -c \"import torch, safetensors.torch as st; st.save_file(torch.load('{path}', weights_only=True),"
-        f" '{path.with_suffix('.safetensors')}')\"\n"
-        "or, for a diffusers folder, load it with diffusers and save it again with save_pretrained(...,"
-        " safe_serialization=True)."
+        f"{path} is a pickle checkpoint, which style-aligned never loads (unpickling can run arbitrary code):"
+        ' convert it to safetensors in an environment you trust, e.g. python -c "import torch, safetensors.torch as'
+        f" st; st.save_file(torch.load('{path}', weights_only=True), '{target}')\" (for a diffusers folder, save it"
+        " again with save_pretrained(..., safe_serialization=True))"
     )
 
 
@@ -81,12 +88,15 @@ class SafetensorsReader:
         if not self.path.is_file():
             raise WeightsError(f"{self.path} does not exist")
         size = self.path.stat().st_size
-        self._file: BufferedReader = open(self.path, "rb")  # noqa: SIM115 (closed by close())
+        self._file: BufferedReader = open(self.path, "rb")  # noqa: SIM115 (closed below)
         try:
             self.metadata, self.tensors = self._read_header(size)
-        except BaseException:
+        finally:
             self._file.close()
-            raise
+        try:
+            self._handle: Any = safe_open(str(self.path), framework="pt")  # pyright: ignore[reportUnknownMemberType]
+        except Exception as error:  # safetensors raises its own SafetensorError
+            raise WeightsError(f"{self.path} is not a valid safetensors file ({error})") from None
 
     def _read_header(self, size: int) -> tuple[dict[str, str], dict[str, TensorInfo]]:
         start = self._file.read(8)
@@ -131,17 +141,15 @@ class SafetensorsReader:
 
     def read(self, key: str) -> Tensor:
         """Read one tensor into a new CPU tensor."""
-        info = self.tensors[key]
-        if info.end == info.begin:
-            return torch.empty(info.shape, dtype=info.dtype)
-        buffer = bytearray(info.end - info.begin)
-        self._file.seek(self._data_start + info.begin)
-        if self._file.readinto(buffer) != len(buffer):
-            raise WeightsError(f"{self.path} is truncated: tensor {key} could not be read whole")
-        return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
+        if key not in self.tensors:
+            raise KeyError(key)
+        try:
+            return self._handle.get_tensor(key)
+        except Exception as error:  # a file changed or cut short since it was opened
+            raise WeightsError(f"{self.path}: tensor {key} could not be read ({error})") from None
 
     def close(self) -> None:
-        self._file.close()
+        self._handle = None
 
     def __enter__(self) -> "SafetensorsReader":
         return self
@@ -154,6 +162,22 @@ def read_tensors(path: Path | str) -> dict[str, Tensor]:
     """Read every tensor of a `.safetensors` file (pickle files are refused)."""
     with SafetensorsReader(path) as reader:
         return {key: reader.read(key) for key in reader.keys()}
+
+
+def partial_name(path: Path) -> Path:
+    """A new temporary name beside `path`, for writing it atomically (`.NAME.XXXXXXXX.partial`)."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+
+
+def remove_stale_partials(path: Path) -> None:
+    """Remove the temporary files that an interrupted write of `path` left behind (see `partial_name`)."""
+    if not path.parent.is_dir():
+        return
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):
+        try:
+            stale.unlink(missing_ok=True)
+        except OSError as error:
+            warnings.warn(f"could not remove the stale temporary file {stale}: {error}", stacklevel=2)
 
 
 def write_safetensors(
@@ -173,6 +197,7 @@ def write_safetensors(
         produce: Returns the tensor of a name, when it is written (so that only one is in memory at a time).
         metadata: Text metadata stored in the header.
     """
+    remove_stale_partials(path)
     entries = list(entries)
     header: dict[str, Any] = {"__metadata__": metadata or {}}
     offset = 0
@@ -182,7 +207,7 @@ def write_safetensors(
         offset += size
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    temporary = partial_name(path)
     try:
         with open(temporary, "wb") as file:
             file.write(len(header_bytes).to_bytes(8, "little"))

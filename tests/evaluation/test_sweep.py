@@ -220,8 +220,8 @@ def test_command_errors(scorers: tuple[Path, Path], tmp_path: Path, capsys: Any)
     cases = [
         (["--grid", "shared_scale=1,2"], "unknown option 'shared_scale'"),
         (["--grid", "shared_score_shift=0,1", "--shared-score-shift", "1"], "shared_score_shift given both"),
-        (["--grid", "shared_score_shift=0,1", "--clip", str(scorers[0])], "needs both --clip and --dino"),
-        (["--grid", "shared_score_shift=0,1", "--clip", "a", "--dino", "b"], "scorer folder a does not exist"),
+        (["--grid", "shared_score_shift=0,1", "--clip", str(scorers[0])], "no-model is neither a folder"),
+        (["--grid", "shared_score_shift=0,1", "--clip", "a", "--dino", "b"], "the scorer a is neither a folder nor"),
     ]
     for arguments, message in cases:
         with pytest.raises(SystemExit) as exit_info:

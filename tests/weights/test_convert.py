@@ -238,7 +238,7 @@ def test_cli_reports_errors_without_a_traceback(tmp_path: Path, capsys: pytest.C
     with pytest.raises(SystemExit) as exit_info:
         cli(["convert", "--from", str(tmp_path / "nowhere"), "--to", str(tmp_path / "out")])
     assert exit_info.value.code == 2
-    assert "is not a folder" in capsys.readouterr().err
+    assert "is neither a folder, a checkpoint file nor a Hugging Face Hub repo id" in capsys.readouterr().err
 
 
 def test_loading_a_file_of_another_kind_is_refused(sd1_converted: Path, tmp_path: Path) -> None:

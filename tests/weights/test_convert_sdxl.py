@@ -104,3 +104,37 @@ def test_sdxl_sweep_writes_contact_sheet_table_and_plot(sdxl_source: dict[str, A
     cli(["sweep", *arguments, "--clip", str(clip), "--dino", str(dino), "--out", str(out)])
     table = sweep_files(out, rows=2, columns=2, options=["shared_score_shift"])
     assert [float(row["shared_score_shift"]) for row in table] == [0.0, 0.69]
+
+
+@pytest.mark.slow
+def test_sdxl_single_file_is_the_original_layout_and_loads(sdxl_source: dict[str, Any], tmp_path: Any) -> None:
+    """The pipeline written as one original-layout file: diffusers' from_single_file reads it back into the source
+    models (one at a time), and the project loads it into models that match the source's outputs."""
+    import gc
+
+    from tests.helpers.single_file import assert_equals_folder, oracle_models, write_single_file
+
+    gc.collect()  # the previous tests' pipelines: one SDXL U-Net in memory at a time
+    pipeline, path = sdxl_source["pipeline"], tmp_path / "sdxl-original.safetensors"
+    write_single_file(pipeline, "sdxl", path)
+    for component, load in oracle_models(path, pipeline, "sdxl").items():
+        model = load()
+        assert assert_equals_folder(model, pipeline, component) > 0
+        del model
+        gc.collect()
+
+    sd = load_pipeline(path)
+    assert isinstance(sd, StableDiffusion_XL)
+    inputs, outputs = sdxl_source["inputs"], sdxl_source["outputs"]
+    with torch.no_grad():
+        sd.unet.set_timestep(inputs["timestep"])
+        sd.unet.set_clip_text_embedding(inputs["embedding"])
+        sd.unet.set_pooled_text_embedding(inputs["text_embeds"])
+        sd.unet.set_time_ids(inputs["time_ids"])
+        assert_close(sd.unet(inputs["x"]), outputs["unet"], 1e-4)
+        text, pooled = sd.clip_text_encoder(PROMPTS)
+        assert_close(text, outputs["text"])
+        assert_close(pooled, outputs["pooled"])
+        assert_close(sd.lda[1](inputs["latents"]), outputs["decoded"], 1e-3)
+    del sd
+    path.unlink()
