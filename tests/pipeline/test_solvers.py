@@ -148,3 +148,21 @@ def test_solver_names_spacings_and_defaults() -> None:
         make_solver("ddim", 4, spacing="karras")  # type: ignore[arg-type]
     assert progress_total(5, 4, 2) == 4 * 2 + 5 and call_groups(5, 2) == [[0, 1, 2], [3, 4]]
     assert call_groups(1, None) == [[0]] and call_groups(3, None) == [[0, 1, 2]]
+
+
+def test_a_model_with_an_lcm_guidance_embedding_is_found() -> None:
+    from types import SimpleNamespace
+
+    from refiners.foundationals.latent_diffusion import SDXLUNet
+    from refiners.foundationals.latent_diffusion.stable_diffusion_xl.lcm import SDXLLcmAdapter
+
+    from style_aligned.pipeline.generate import lcm_guidance_embedding
+
+    with torch.device("meta"):
+        unet = SDXLUNet(in_channels=4)
+    model: Any = SimpleNamespace(unet=unet)
+    assert lcm_guidance_embedding(model) is None
+    adapter = SDXLLcmAdapter(unet, condition_scale=8.0).inject()
+    assert lcm_guidance_embedding(model) is adapter
+    adapter.eject()
+    assert lcm_guidance_embedding(model) is None
