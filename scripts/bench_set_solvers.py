@@ -7,7 +7,9 @@ All in one process, on the same pipeline, each set timed end to end (text encodi
 - `generate_set` with DPM-Solver++, 20 steps, CFG 7.5;
 - `generate_set` with Euler, trailing spacing, 4 steps, without CFG (guidance 1).
 
-    python scripts/bench_set_solvers.py [--size 256] [--device cpu|cuda] [--dtype float32|float16]
+    python scripts/bench_set_solvers.py [--size 256] [--device cpu|cuda] [--dtype float32|float16] [--reverse]
+
+`--reverse` runs the ways in the opposite order (the reference method's way last), to show order effects.
 
 Prints one JSON object per way, then a Markdown table with the ratio of each to the reference method's time.
 """
@@ -72,6 +74,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="image size in pixels")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument("--reverse", action="store_true", help="run the reference method's way last")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     sd = random_sd1(device, dtype)
@@ -91,13 +94,13 @@ def main() -> None:
     generate_set(sd, SetSpec(**{**base.__dict__, "steps": 1}))  # warm up
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}, {args.dtype}, {size}x{size} px")
     seconds: dict[str, float] = {}
-    for name, run in ways.items():
+    for name, run in reversed(ways.items()) if args.reverse else ways.items():
         seconds[name] = timed(run, device)
         print(json.dumps({"way": name, "seconds": round(seconds[name], 2), "size": size, "device": str(device)}))
-    baseline = next(iter(seconds.values()))
+    baseline = seconds[next(iter(ways))]
     print("\n| set of 4 images | wall time | / reference method's |\n|---|---|---|")
-    for name, value in seconds.items():
-        print(f"| {name} | {value:.1f} s | {value / baseline:.3f} |")
+    for name in ways:
+        print(f"| {name} | {seconds[name]:.1f} s | {seconds[name] / baseline:.3f} |")
 
 
 if __name__ == "__main__":
