@@ -31,7 +31,7 @@ class SplitHalves(fl.Module):
 
         Args:
             classifier_free_guidance: Whether the batch is made of an unconditional and a conditional half.
-            reference_cache: Checks the batch for its mode (references only, when recording them).
+            reference_cache: Checks the batch layout.
         """
         super().__init__()
         self.classifier_free_guidance = classifier_free_guidance
@@ -172,7 +172,7 @@ class CheckBatchLayout(fl.ContextModule):
 
         Args:
             classifier_free_guidance: Whether the batch is made of an unconditional and a conditional half.
-            reference_cache: Tells the mode (a batch of references only, when recording them).
+            reference_cache: Checks the batch layout.
         """
         super().__init__()
         self.classifier_free_guidance = classifier_free_guidance
