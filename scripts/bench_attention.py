@@ -3,13 +3,18 @@
 Batch: 1 reference + 3 targets, with classifier-free guidance (8 rows). Shapes: 4096 tokens x 640 channels, 10 heads
 (SDXL's 64x64 level at 1024 px) and 1024 tokens x 1280 channels, 20 heads (its 32x32 level). The reference method is
 the reference implementation's algorithm written here as a diffusers attention processor (AdaIN on Q and K, the
-reference's keys and values concatenated, and with a shift the full logits materialised, as it does). All run in
-this process on the same weights and inputs; times are medians, memory is the peak a call adds.
+reference's keys and values concatenated, and with a shift the full logits materialised, as it does). This project's
+layer runs with its kernel (own and reference tokens attended separately, merged by log-sum-exp) and with the
+previous one (reference tokens concatenated to each image's, the shift as a float mask). All run in this process on
+the same weights and inputs; times are medians, memory is the peak a call adds.
 
-    python scripts/bench_attention.py [--repeat 3] [--device cpu|cuda]
+    python scripts/bench_attention.py [--repeat 3] [--device cpu|cuda] [--dtype float32|float16] [--no-materialised]
+
+Prints one JSON object per variant and shape (machine-readable), then Markdown tables and ratios.
 """
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -18,11 +23,39 @@ from typing import Any
 import refiners.fluxion.layers as fl
 import torch
 from diffusers.models.attention_processor import Attention  # type: ignore[import-untyped]
+from refiners.fluxion.adapters.adapter import Adapter
 from refiners.foundationals.latent_diffusion.style_aligned import SharedSelfAttentionAdapter
 from torch import Tensor
 from torch.nn.functional import scaled_dot_product_attention
 
-from style_aligned import SharedAttentionAdapter
+from style_aligned import (
+    AdaIN,
+    AppendReferences,
+    ReferenceCache,
+    SharedAttentionAdapter,
+    ShiftedScaledDotProductAttention,
+    SplitHalves,
+    StyleAlignedOptions,
+)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ConcatenatingAdapter(fl.Chain, Adapter[fl.ScaledDotProductAttention]):
+    """This project's previous kernel: each image's keys and values with its reference's appended, one attention."""
+
+    def __init__(self, target: fl.ScaledDotProductAttention, shift: float) -> None:
+        cache = ReferenceCache()
+        with self.setup_adapter(target):
+            super().__init__(
+                fl.Distribute(SplitHalves(True, cache), SplitHalves(True, cache), SplitHalves(True, cache)),
+                fl.Distribute(AdaIN(reference_cache=cache), AdaIN(reference_cache=cache), fl.Identity()),
+                fl.Distribute(
+                    fl.Identity(), AppendReferences(1.0, reference_cache=cache), AppendReferences(reference_cache=cache)
+                ),
+                ShiftedScaledDotProductAttention(target.num_heads, shift, reference_cache=cache),
+            )
+
 
 sys.path.insert(0, str(Path(__file__).parent))
 from measure import Measure, gib, measure  # noqa: E402
@@ -86,11 +119,20 @@ def diffusers_attention(layer: fl.SelfAttention) -> Attention:
     return attention.to(device=layer.device, dtype=layer.dtype).eval()
 
 
-def bench_shape(tokens: int, channels: int, heads: int, device: torch.device, repeat: int) -> list[str]:
+def bench_shape(
+    tokens: int,
+    channels: int,
+    heads: int,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    repeat: int,
+    materialised: bool,
+) -> list[str]:
     torch.manual_seed(0)
-    layer = fl.SelfAttention(embedding_dim=channels, num_heads=heads, use_bias=False).to(device).eval()
+    layer = fl.SelfAttention(embedding_dim=channels, num_heads=heads, use_bias=False).to(device=device, dtype=dtype)
     reference_attention = diffusers_attention(layer)
-    x = torch.randn(8, tokens, channels, device=device)
+    x = torch.randn(8, tokens, channels, device=device, dtype=dtype)
     sdpa = layer.ensure_find(fl.ScaledDotProductAttention)
     results: dict[str, Measure] = {}
     outputs: dict[str, Tensor] = {}
@@ -99,31 +141,52 @@ def bench_shape(tokens: int, channels: int, heads: int, device: torch.device, re
         with torch.no_grad():
             outputs[name] = module(x)
             results[name] = measure(lambda: module(x), device, repeat=repeat)
+        seconds, peak = results[name].seconds, results[name].peak_bytes
+        record = {"tokens": tokens, "channels": channels, "heads": heads, "variant": name}
+        record |= {"seconds": round(seconds, 5), "peak_bytes": peak, "device": str(device), "dtype": str(dtype)}
+        print(json.dumps(record), flush=True)
 
     run("plain attention", layer)
     refiners = SharedSelfAttentionAdapter(layer).inject()
     run("Refiners 0.4.0 StyleAlignedAdapter (shift 0)", layer)
     refiners.eject()
     for shift in (0.0, math.log(2)):
-        ours = SharedAttentionAdapter(sdpa, shared_score_shift=shift).inject(layer)
+        ours = SharedAttentionAdapter(
+            sdpa,
+            options=StyleAlignedOptions(shared_score_shift=shift),
+            classifier_free_guidance=True,
+            reference_cache=ReferenceCache(),
+        ).inject(layer)
         run(f"style-aligned (shift {shift:.3g})", layer)
         ours.eject()
-        reference_attention.set_processor(ReferenceMethodProcessor(shift))
-        run(f"reference method (shift {shift:.3g})", reference_attention)
+        previous = ConcatenatingAdapter(sdpa, shift).inject(layer)
+        run(f"style-aligned, previous kernel (shift {shift:.3g})", layer)
+        previous.eject()
+        if shift == 0.0 or materialised:
+            reference_attention.set_processor(ReferenceMethodProcessor(shift))
+            run(f"reference method (shift {shift:.3g})", reference_attention)
 
     plain = results["plain attention"]
     lines = [
-        f"\n{tokens} tokens x {channels} channels, {heads} heads, batch 8 (1 reference + 3 targets, CFG), {device}",
+        f"\n{tokens} tokens x {channels} channels, {heads} heads, batch 8 (1 reference + 3 targets, CFG), {device},"
+        f" {str(dtype).removeprefix('torch.')}",
         "| variant | time | peak memory | time / plain | memory / plain |",
         "|---|---|---|---|---|",
     ]
     for name, result in results.items():
         time_ratio, memory_ratio = result.ratio(plain)
         lines.append(
-            f"| {name} | {result.seconds:.3f} s | {gib(result.peak_bytes)} | {time_ratio:.2f} | {memory_ratio:.2f} |"
+            f"| {name} | {result.seconds:.4f} s | {gib(result.peak_bytes)} | {time_ratio:.2f} | {memory_ratio:.2f} |"
         )
     for shift in ("0", "0.693"):
-        ours, reference = results[f"style-aligned (shift {shift})"], results[f"reference method (shift {shift})"]
+        ours = results[f"style-aligned (shift {shift})"]
+        time_ratio, memory_ratio = ours.ratio(results[f"style-aligned, previous kernel (shift {shift})"])
+        lines.append(
+            f"style-aligned / its previous kernel, shift {shift}: time {time_ratio:.2f}, peak memory {memory_ratio:.3f}"
+        )
+        if f"reference method (shift {shift})" not in results:
+            continue
+        reference = results[f"reference method (shift {shift})"]
         time_ratio, memory_ratio = ours.ratio(reference)
         difference = (outputs[f"style-aligned (shift {shift})"] - outputs[f"reference method (shift {shift})"]).abs()
         lines.append(
@@ -139,11 +202,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument(
+        "--no-materialised",
+        dest="materialised",
+        action="store_false",
+        help="skip the reference method with a shift (it materialises the logits: 10 GiB per 4096-token call)",
+    )
     args = parser.parse_args()
-    device = torch.device(args.device)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"torch {torch.__version__}, {name}")
     for tokens, channels, heads in ((4096, 640, 10), (1024, 1280, 20)):
-        print("\n".join(bench_shape(tokens, channels, heads, device, args.repeat)), flush=True)
+        lines = bench_shape(
+            tokens, channels, heads, device=device, dtype=dtype, repeat=args.repeat, materialised=args.materialised
+        )
+        print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

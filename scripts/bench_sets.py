@@ -61,7 +61,7 @@ def run_set(sd: StableDiffusion_XL, count: int, chunk_size: int | None, size: in
             for step in sd.steps:
                 x = sd(x, step, **conditioning(list(range(count))), condition_scale=spec.guidance)
         else:
-            x = denoise_set(sd, adapter, latents, conditioning, spec.guidance, chunk_size)
+            x = denoise_set(sd, adapter, latents, conditioning, guidance=spec.guidance, chunk_size=chunk_size)
         decode(sd, x)
     seconds = time.perf_counter() - start
     adapter.eject()

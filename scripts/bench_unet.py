@@ -3,10 +3,13 @@
 Batch: 1 reference + 3 targets with classifier-free guidance (8 rows), latents of 16x16 and 32x32 (128 and 256 px).
 Everything runs in this process on the same U-Net and inputs; times are medians, memory is the peak a call adds.
 
-    python scripts/bench_unet.py [--sizes 16 32] [--repeat 2] [--device cpu|cuda]
+    python scripts/bench_unet.py [--sizes 16 32] [--repeat 2] [--device cpu|cuda] [--dtype float32|float16]
+
+Prints one JSON object per variant and size (machine-readable), then Markdown tables.
 """
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -49,11 +52,14 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 32], help="latent sizes")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    default = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else default
     unet = build_random(lambda: SDXLUNet(in_channels=4), device=device, dtype=dtype)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}, {dtype}")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"torch {torch.__version__}, {name}, {device}, {dtype}")
     for size in args.sizes:
         x = torch.randn(8, 4, size, size, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
         results: dict[str, Measure] = {}
@@ -62,6 +68,9 @@ def main() -> None:
             results[name] = measure(lambda x=x: call(unet, x), device, repeat=args.repeat)
             if adapter is not None:
                 adapter.eject()
+            record = {"latent_size": size, "variant": name, "seconds": round(results[name].seconds, 5)}
+            record |= {"peak_bytes": results[name].peak_bytes, "device": str(device), "dtype": str(dtype)}
+            print(json.dumps(record), flush=True)
         plain = results["plain U-Net"]
         print(f"\nSDXL U-Net step, {size}x{size} latents ({size * 8} px), batch 8 (1 reference + 3 targets, CFG)")
         print("| variant | time | peak memory added | time / plain | memory / plain |\n|---|---|---|---|---|")

@@ -16,12 +16,17 @@ from style_aligned.adapters.shared_attention import SharedAttentionAdapter
 from style_aligned.adapters.style_aligned_adapter import StyleAlignedAdapter
 from style_aligned.adapters.unet_layers import SelfAttentionLayer, self_attention_layers
 from style_aligned.layers.adain import AdaIN
-from style_aligned.layers.attention import JointScaledDotProductAttention, ShiftedScaledDotProductAttention
+from style_aligned.layers.attention import (
+    JointScaledDotProductAttention,
+    SharedScaledDotProductAttention,
+    ShiftedScaledDotProductAttention,
+)
 from style_aligned.layers.reference_cache import ReferenceCache
 from style_aligned.layers.references import (
     AppendReferences,
     CheckBatchLayout,
     GetReferences,
+    ReferenceRows,
     ScaleReferences,
     SplitHalves,
 )
@@ -46,11 +51,13 @@ __all__ = [
     "GetReferences",
     "JointScaledDotProductAttention",
     "ReferenceCache",
+    "ReferenceRows",
     "ScaleReferences",
     "SelfAttentionLayer",
     "SharedAttentionAdapter",
     "SplitHalves",
     "SharedGroupNormAdapter",
+    "SharedScaledDotProductAttention",
     "ShiftedScaledDotProductAttention",
     "StyleAlignedAdapter",
     "StyleAlignedOptions",

@@ -4,9 +4,9 @@ import refiners.fluxion.layers as fl
 from refiners.fluxion.adapters.adapter import Adapter
 
 from style_aligned.layers.adain import AdaIN
-from style_aligned.layers.attention import JointScaledDotProductAttention, ShiftedScaledDotProductAttention
+from style_aligned.layers.attention import JointScaledDotProductAttention, SharedScaledDotProductAttention
 from style_aligned.layers.reference_cache import ReferenceCache
-from style_aligned.layers.references import AppendReferences, ScaleReferences, SplitHalves
+from style_aligned.layers.references import ReferenceRows, SplitHalves
 from style_aligned.options import StyleAlignedOptions
 
 
@@ -22,8 +22,9 @@ class SharedAttentionAdapter(fl.Chain, Adapter[fl.ScaledDotProductAttention]):
     https://arxiv.org/abs/2312.02133), section 3):
 
     1. AdaIN maps the queries and keys (and optionally values) of each image onto its reference's statistics;
-    2. the reference's keys (scaled by `shared_score_scale` for the targets) and values are appended to each image's;
-    3. attention runs over the doubled keys, with `shared_score_shift` added to the logits of the appended tokens.
+    2. each image attends to its own tokens and to its reference's (keys scaled by `shared_score_scale` for the
+       targets, `shared_score_shift` added to their logits), the two merged by log-sum-exp into the attention over
+       the concatenated tokens (see `SharedScaledDotProductAttention`).
 
     The reference's output is its plain self-attention output: influence flows from the reference to the targets.
     With `full_attention_share`, every image attends to all images of its half instead, without AdaIN.
@@ -73,14 +74,20 @@ class SharedAttentionAdapter(fl.Chain, Adapter[fl.ScaledDotProductAttention]):
                     _adain(options.adain_keys, cache),
                     _adain(options.adain_values, cache),
                 ),
-                fl.Distribute(
-                    fl.Identity(),
-                    AppendReferences(scale=options.shared_score_scale, reference_cache=cache),
-                    AppendReferences(reference_cache=cache),
+                # (queries, keys, values, reference keys, reference values): the references (halves, 1, ...)
+                fl.Parallel(
+                    fl.GetArg(0),
+                    fl.GetArg(1),
+                    fl.GetArg(2),
+                    fl.Chain(fl.GetArg(1), ReferenceRows(cache)),
+                    fl.Chain(fl.GetArg(2), ReferenceRows(cache)),
                 ),
-                # (queries, keys, values): keys and values have 2 x tokens, the reference's appended
-                ShiftedScaledDotProductAttention(
-                    target.num_heads, options.shared_score_shift, slice_size=target.slice_size, reference_cache=cache
+                SharedScaledDotProductAttention(
+                    target.num_heads,
+                    scale=options.shared_score_scale,
+                    shift=options.shared_score_shift,
+                    slice_size=target.slice_size,
+                    reference_cache=cache,
                 ),
                 # (batch, tokens, channels)
             ]
@@ -91,19 +98,19 @@ class SharedAttentionAdapter(fl.Chain, Adapter[fl.ScaledDotProductAttention]):
     @property
     def shared_score_scale(self) -> float:
         """The factor on the reference keys given to the targets."""
-        scale_references = self.find(ScaleReferences)
-        return 1.0 if scale_references is None else scale_references.scale
+        attention = self.find(SharedScaledDotProductAttention)
+        return 1.0 if attention is None else attention.scale
 
     @shared_score_scale.setter
     def shared_score_scale(self, value: float) -> None:
-        self.ensure_find(ScaleReferences).scale = value
+        self.ensure_find(SharedScaledDotProductAttention).scale = value
 
     @property
     def shared_score_shift(self) -> float:
-        """The constant added to the attention logits of the appended reference tokens."""
-        attention = self.find(ShiftedScaledDotProductAttention)
+        """The constant added to the attention logits of the reference tokens."""
+        attention = self.find(SharedScaledDotProductAttention)
         return 0.0 if attention is None else attention.shift
 
     @shared_score_shift.setter
     def shared_score_shift(self, value: float) -> None:
-        self.ensure_find(ShiftedScaledDotProductAttention).shift = value
+        self.ensure_find(SharedScaledDotProductAttention).shift = value

@@ -69,8 +69,25 @@ def add_set_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prompt", dest="prompts", action="append", required=True, help="one per image (repeat)")
     group.add_argument("--negative-prompt", default="", help="negative prompt of every image")
     group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
-    group.add_argument("--guidance", type=float, default=None, help="default: 5 (SDXL), 7.5 (SD1)")
+    group.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
+    group.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="default: 5 (SDXL), 7.5 (SD1); 1 or less: no classifier-free guidance",
+    )
+    group.add_argument(
+        "--solver",
+        choices=["ddim", "dpm", "euler", "lcm"],
+        default="ddim",
+        help="ddim (default: the reference examples' DDIM), dpm (DPM-Solver++ 2M), euler, lcm",
+    )
+    group.add_argument(
+        "--timestep-spacing",
+        choices=["leading", "trailing", "linspace"],
+        default=None,
+        help="timesteps over the schedule (default: the solver's own; trailing for Lightning and Turbo models)",
+    )
     group.add_argument("--size", type=size, default=None, metavar="WxH", help="default: 1024 (SDXL), 512 (SD1)")
     group.add_argument("--chunk-size", type=int, default=None, metavar="N", help="targets per batch (default: all)")
     group.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write the images")
@@ -135,6 +152,8 @@ def set_fields(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "steps": args.steps,
         "guidance": args.guidance,
+        "solver": args.solver,
+        "timestep_spacing": args.timestep_spacing,
         "width": width,
         "height": height,
         "chunk_size": args.chunk_size,

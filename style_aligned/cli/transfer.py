@@ -24,8 +24,9 @@ def run_transfer(args: argparse.Namespace) -> None:
 
     from style_aligned.pipeline.inversion import ReferenceTrajectory
     from style_aligned.pipeline.set_files import sidecar
-    from style_aligned.pipeline.transfer import TransferSpec, make_trajectory, transfer_set
+    from style_aligned.pipeline.transfer import TransferSpec, check_transfer_solver, make_trajectory, transfer_set
 
+    check_transfer_solver(args.solver, args.timestep_spacing)
     if args.trajectory is None and (args.image is None or args.caption is None):
         raise ValueError("give the reference as --image and --caption, or reuse an inversion with --trajectory")
     trajectory = ReferenceTrajectory.load(args.trajectory) if args.trajectory else None
@@ -37,6 +38,8 @@ def run_transfer(args: argparse.Namespace) -> None:
         seed=args.seed,
         steps=steps,
         guidance=args.guidance,
+        solver=args.solver,
+        timestep_spacing=args.timestep_spacing,
         width=width,
         height=height,
         chunk_size=args.chunk_size,

@@ -1,9 +1,10 @@
 """Where the shared layers find the reference image of each batch half: in the batch, or recorded from a pass.
 
 By default (`"batch"` mode) image 0 of each batch half is the reference. To generate large sets at constant memory,
-the reference runs alone first (`"record"`: the batch holds only the references, one per half, and every shared
-layer keeps what the targets need from it: keys, values and AdaIN statistics, GroupNorm statistics), then the
-targets run in batches of any size without it (`"replay"`: every row is a target and the layers use the recording).
+the references run with the first chunk of targets (`"record"`: image 0 of each half is the reference, as in
+`"batch"` mode, and every shared layer also keeps what later targets need from it: keys, values and AdaIN
+statistics, GroupNorm statistics), then the other targets run in batches of any size without it (`"replay"`: every
+row is a target and the layers use the recording).
 """
 
 from collections.abc import Generator
@@ -25,9 +26,9 @@ class ReferenceCache:
         ```py
         cache = adapter.reference_cache
         with cache.record():
-            reference_noise = unet(reference_latents)  # batch: [uncond_ref, cond_ref]
+            noise = unet(first_chunk)  # batch: [uncond_ref, uncond targets | cond_ref, cond targets]
         with cache.replay():
-            for chunk in chunks:
+            for chunk in other_chunks:
                 target_noise = unet(chunk)  # batch: [uncond targets | cond targets]
         ```
     """
@@ -42,18 +43,12 @@ class ReferenceCache:
         return self.mode != "replay"
 
     def images_per_half(self, batch_size: int, classifier_free_guidance: bool) -> int:
-        """Check a batch layout for the current mode and return the number of images in each half.
+        """Check a batch layout and return the number of images in each half.
 
         Raises:
-            ValueError: If the batch does not fit the layout and mode.
+            ValueError: If the batch does not fit the layout.
         """
-        per_half = images_per_half(batch_size, classifier_free_guidance)
-        if self.mode == "record" and per_half != 1:
-            raise ValueError(
-                f"StyleAligned is recording the references: the batch must hold only them (one image per half), got"
-                f" {per_half} images per half"
-            )
-        return per_half
+        return images_per_half(batch_size, classifier_free_guidance)
 
     def references(self, owner: fl.Module, features: Tensor) -> Tensor:
         """The reference row of each half of `features`, from the batch or the recording.
@@ -66,19 +61,15 @@ class ReferenceCache:
             The reference rows, shaped `(halves, 1, *rest)` (a view of `features` in `"batch"` mode).
 
         Raises:
-            ValueError: In `"record"` mode, if the batch holds more than the references.
             RuntimeError: In `"replay"` mode, if nothing fitting was recorded for this layer.
         """
         if self.mode == "batch":
             return features[:, :1]
         if self.mode == "record":
-            if features.shape[1] != 1:
-                raise ValueError(
-                    "StyleAligned is recording the references: the batch must hold only them (one image per half),"
-                    f" got {features.shape[1]} images per half"
-                )
-            self._recorded[owner] = features.detach()
-            return features
+            references = features[:, :1]
+            # a copy when the batch holds targets too, so that the recording does not keep the whole batch alive
+            self._recorded[owner] = (references.clone() if features.shape[1] > 1 else references).detach()
+            return references
         references = self._recorded.get(owner)
         if references is None:
             raise RuntimeError("StyleAligned has no recorded references: run the references in record mode first")
@@ -91,7 +82,8 @@ class ReferenceCache:
 
     @contextmanager
     def record(self) -> Generator[None]:
-        """Within this block, the batch holds only the references and the shared layers record them."""
+        """Within this block, image 0 of each batch half is the reference (targets may follow it), and the shared
+        layers record the references."""
         self._recorded.clear()
         with self._mode("record"):
             yield

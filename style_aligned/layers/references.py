@@ -72,6 +72,29 @@ class GetReferences(fl.Module):
         return self.reference_cache.references(self, x).expand_as(x)
 
 
+class ReferenceRows(fl.Module):
+    """The reference image of each batch half, from the batch or the recording (see `ReferenceCache`).
+
+    Receives:
+        (Float[Tensor, "halves images_per_half ..."]): Features of every image, by half (see `SplitHalves`).
+
+    Returns:
+        (Float[Tensor, "halves 1 ..."]): The features of each half's reference (a view in the default mode).
+    """
+
+    def __init__(self, reference_cache: ReferenceCache) -> None:
+        """Initialize the layer.
+
+        Args:
+            reference_cache: Where the references come from.
+        """
+        super().__init__()
+        self.reference_cache = reference_cache
+
+    def forward(self, x: Float[Tensor, "halves images_per_half ..."]) -> Float[Tensor, "halves 1 ..."]:
+        return self.reference_cache.references(self, x)
+
+
 class ScaleReferences(fl.Module):
     """Scale the reference features handed to the targets, leaving the reference's own copy unscaled.
 

@@ -203,18 +203,21 @@ class Composition:
             embedding = adapter.compute_clip_image_embedding(_open(spec.image))  # (2, tokens, dim): [negative, image]
         return adapter, embedding
 
-    def before_call(self, images: Sequence[int]) -> None:
-        """Set the inputs of the extras for a U-Net call on these images (`[uncond ... | cond ...]`)."""
+    def before_call(self, images: Sequence[int], classifier_free_guidance: bool = True) -> None:
+        """Set the inputs of the extras for a U-Net call on these images (`[uncond ... | cond ...]`, or `[cond ...]`
+        without classifier-free guidance)."""
+        halves = 2 if classifier_free_guidance else 1
         for adapter, conditions in self._controls:
             rows = [
                 torch.zeros_like(conditions[0]) if image == 0 else conditions[min(image - 1, len(conditions) - 1)]
                 for image in images
             ]  # the reference's row is ignored unless the reference is controlled too
-            adapter.set_controlnet_condition(torch.cat(rows + rows))
+            adapter.set_controlnet_condition(torch.cat(rows * halves))
         if self._ip_adapter is not None and self._ip_embedding is not None:
             negative, positive = self._ip_embedding.chunk(2)
             count = len(images)
-            self._ip_adapter.set_clip_image_embedding(torch.cat([negative] * count + [positive] * count))
+            embeddings = [negative] * count + [positive] * count if classifier_free_guidance else [positive] * count
+            self._ip_adapter.set_clip_image_embedding(torch.cat(embeddings))
 
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None

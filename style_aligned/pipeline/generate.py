@@ -1,5 +1,7 @@
-"""Generate a style-consistent set: the reference once per step, the targets in chunks, at constant memory."""
+"""Generate a style-consistent set: one U-Net call per chunk of targets and step, the reference riding with the first
+chunk and recorded for the others, at constant memory, with any of the solvers of `style_aligned.pipeline.solvers`."""
 
+import contextlib
 from collections.abc import Callable, Generator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -8,12 +10,25 @@ from typing import Any
 import torch
 from PIL import Image
 from refiners.foundationals.latent_diffusion import StableDiffusion_1, StableDiffusion_XL
-from refiners.foundationals.latent_diffusion.solvers import DDIM, SolverParams
+from refiners.foundationals.latent_diffusion.solvers import Solver
+from refiners.foundationals.latent_diffusion.stable_diffusion_xl.lcm import SDXLLcmAdapter
 from torch import Tensor
 
 from style_aligned.adapters.style_aligned_adapter import StyleAlignedAdapter
 from style_aligned.options import ModelKind, StyleAlignedOptions, model_kind
 from style_aligned.pipeline.composition import Composition, ControlSpec, Extras, IPAdapterSpec, LoraSpec
+from style_aligned.pipeline.solvers import (
+    SOLVERS,
+    SPACINGS,
+    ExactDDIM,
+    SolverName,
+    Spacing,
+    fresh_copy,
+    image_generators,
+    is_stochastic,
+    make_solver,
+    solver_step,
+)
 
 StableDiffusion = StableDiffusion_XL | StableDiffusion_1
 DEFAULT_SIZE: dict[ModelKind, int] = {"sdxl": 1024, "sd1": 512}
@@ -29,11 +44,12 @@ class ProgressEvent:
     Attributes:
         done: Units done.
         total: Units in all.
-        phase: `"reference"` or `"targets"` (U-Net calls), or `"decode"`.
+        phase: `"reference"` (a U-Net call on the reference alone, in a set of one image), `"targets"` (a U-Net call on
+            a chunk of targets; the first chunk carries the reference) or `"decode"`.
         step: The denoising step (1-based; steps done when decoding).
         steps: The number of denoising steps.
-        chunk: The chunk of targets (1-based; 0 for the reference), or the image decoded.
-        chunks: The number of chunks of targets, or of images when decoding.
+        chunk: The U-Net call of the step (1-based), or the image decoded.
+        chunks: The number of U-Net calls per step, or of images when decoding.
     """
 
     done: int
@@ -56,9 +72,12 @@ class SetSpec:
         prompts: One prompt per image. Without `reference_prompt`, the first is the reference.
         reference_prompt: The prompt of an extra reference image placed before the others.
         negative_prompt: The negative prompt of every image.
-        seed: The seed of the initial noise (image `i` gets the `i`-th draw, whatever the chunk size).
-        steps: The number of DDIM steps (the solver of the reference examples, see `ddim`).
+        seed: The seed of the initial noise (image `i` gets the `i`-th draw, whatever the chunk size), and of the noise
+            a stochastic solver draws for each image (see `style_aligned.pipeline.solvers.image_seed`).
+        steps: The number of denoising steps.
         guidance: The classifier-free guidance scale (default: 5 for SDXL, 7.5 for SD1, as in the reference examples).
+            At or below 1 the set runs without classifier-free guidance: one batch half, the conditional one. With a
+            model that has an LCM guidance embedding (Refiners' `SDXLLcmAdapter`), it goes to the embedding instead.
         width: The image width in pixels, a multiple of 8 (default: 1024 for SDXL, 512 for SD1).
         height: The image height in pixels, a multiple of 8 (default: as `width`).
         chunk_size: How many targets run together (default: all); memory does not grow with the set beyond it.
@@ -66,6 +85,9 @@ class SetSpec:
         controls: ControlNets guiding the targets, each with one control image for all targets or one per target.
         loras: LoRAs applied while the set is generated.
         ip_adapter: An IP-Adapter image prompt for every image.
+        solver: `"ddim"` (the reference examples' DDIM, exact to diffusers), `"dpm"` (DPM-Solver++ 2M), `"euler"` or
+            `"lcm"`; see `style_aligned.pipeline.solvers.make_solver`.
+        timestep_spacing: `"leading"`, `"trailing"` or `"linspace"` (default: the solver's own; DDIM's is leading).
     """
 
     prompts: list[str]
@@ -81,6 +103,17 @@ class SetSpec:
     controls: list[ControlSpec] = field(default_factory=lambda: [])
     loras: list[LoraSpec] = field(default_factory=lambda: [])
     ip_adapter: IPAdapterSpec | None = None
+    solver: SolverName = "ddim"
+    timestep_spacing: Spacing | None = None
+
+    @property
+    def classifier_free_guidance(self) -> bool:
+        """Whether the set runs with classifier-free guidance: a guidance scale above 1 (or not yet resolved)."""
+        return self.guidance is None or self.guidance > 1
+
+    def make_solver(self, sd: StableDiffusion) -> Solver:
+        """A fresh solver of this set for the model's device and dtype."""
+        return make_solver(self.solver, self.steps, spacing=self.timestep_spacing, device=sd.device, dtype=sd.dtype)
 
     def extras(self) -> Extras:
         """The ControlNets, LoRAs and IP-Adapter of the set."""
@@ -121,6 +154,12 @@ class SetSpec:
             raise ValueError(f"chunk_size must be at least 1, got {self.chunk_size}")
         if self.guidance is not None and not self.guidance >= 0:
             raise ValueError(f"the guidance scale must be a number >= 0, got {self.guidance}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"unknown solver {self.solver!r}: choose one of {', '.join(SOLVERS)}")
+        if self.timestep_spacing is not None and self.timestep_spacing not in SPACINGS:
+            raise ValueError(f"unknown timestep spacing {self.timestep_spacing!r}: choose one of {', '.join(SPACINGS)}")
+        if self.solver == "lcm" and self.steps > 50:
+            raise ValueError(f"the LCM solver takes at most 50 steps, got {self.steps}")
         # the StyleAligned options were checked when `style` was made (see `StyleAlignedOptions`)
 
 
@@ -157,23 +196,38 @@ class SetConditioning:
             text[0], pooled[0] = 0, 0
         return text, pooled
 
-    def __call__(self, images: Sequence[int]) -> dict[str, Tensor]:
-        """Keyword arguments of the model's call for a batch of images: `[uncond ... | cond ...]`."""
+    def __call__(self, images: Sequence[int], classifier_free_guidance: bool = True) -> dict[str, Tensor]:
+        """Keyword arguments of the model's call for a batch of images: `[uncond ... | cond ...]`, or `[cond ...]`
+        without classifier-free guidance."""
+        halves = (0, 1) if classifier_free_guidance else (1,)
 
         def guided(tensors: list[Tensor]) -> Tensor:
-            return torch.cat([tensors[i][half : half + 1] for half in (0, 1) for i in images])
+            return torch.cat([tensors[i][half : half + 1] for half in halves for i in images])
 
         kwargs = {"clip_text_embedding": guided(self._texts)}
         if self._pooled:
             kwargs["pooled_text_embedding"] = guided(self._pooled)
-            kwargs["time_ids"] = self._time_ids.repeat(2 * len(images), 1)
+            kwargs["time_ids"] = self._time_ids.repeat(len(halves) * len(images), 1)
         return kwargs
 
 
-def ddim(sd: StableDiffusion, steps: int) -> DDIM:
+def ddim(sd: StableDiffusion, steps: int) -> ExactDDIM:
     """The DDIM solver of the reference examples: scaled-linear betas from 0.00085 to 0.012, leading spacing,
-    timesteps `[980, 960, ..., 0]` for 50 steps (offset 0), final cumulative alpha that of timestep 0."""
-    return DDIM(num_inference_steps=steps, params=SolverParams(timesteps_offset=0), device=sd.device, dtype=sd.dtype)
+    timesteps `[980, 960, ..., 0]` for 50 steps (offset 0), final cumulative alpha that of timestep 0, and the last
+    step as diffusers' `DDIMScheduler` computes it (see `ExactDDIM`)."""
+    solver = make_solver("ddim", steps, device=sd.device, dtype=sd.dtype)
+    assert isinstance(solver, ExactDDIM)
+    return solver
+
+
+def lcm_guidance_embedding(sd: StableDiffusion) -> SDXLLcmAdapter | None:
+    """The LCM adapter of the model's U-Net (its guidance embedding), if one is injected."""
+    parent = sd.unet.parent
+    while parent is not None:
+        if isinstance(parent, SDXLLcmAdapter):
+            return parent
+        parent = parent.parent
+    return None
 
 
 @contextmanager
@@ -205,9 +259,35 @@ def target_chunks(num_images: int, chunk_size: int | None) -> list[list[int]]:
     return [targets[start : start + size] for start in range(0, len(targets), size)]
 
 
-def progress_total(num_steps: int, num_images: int, chunk_size: int | None) -> int:
-    """The units of work of a set, for progress: one per U-Net call of the denoising loop, one per decoded image."""
-    return num_steps * (1 + len(target_chunks(num_images, chunk_size))) + num_images
+def call_groups(num_images: int, chunk_size: int | None) -> list[list[int]]:
+    """The images of each U-Net call of a step: the reference with the first chunk of targets, then the others."""
+    chunks = target_chunks(num_images, chunk_size)
+    return [[0, *chunks[0]], *chunks[1:]] if chunks else [[0]]
+
+
+def progress_total(num_images: int, steps: int, chunk_size: int | None) -> int:
+    """The units of work of a set: one per U-Net call, one per decoded image."""
+    return steps * len(call_groups(num_images, chunk_size)) + num_images
+
+
+def predict_noise(
+    sd: StableDiffusion,
+    x: Tensor,
+    step: int,
+    *,
+    solver: Solver,
+    conditioning: dict[str, Tensor],
+    guidance: float,
+    classifier_free_guidance: bool,
+) -> Tensor:
+    """The guided noise prediction of a batch of latents, as `LatentDiffusionModel.forward` computes it."""
+    sd.set_unet_context(timestep=solver.timesteps[step].unsqueeze(dim=0), **conditioning)
+    latents = torch.cat((x, x)) if classifier_free_guidance else x
+    latents = solver.scale_model_input(latents, step=step)
+    if not classifier_free_guidance:
+        return sd.unet(latents)
+    unconditional, conditional = sd.unet(latents).chunk(2)
+    return unconditional + guidance * (conditional - unconditional)
 
 
 def denoise_set(
@@ -222,55 +302,74 @@ def denoise_set(
     after_reference_step: Callable[[int, Tensor], Tensor] | None = None,
     before_call: Callable[[list[int]], None] | None = None,
     progress: Progress | None = None,
+    solver: Solver | None = None,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> Tensor:
     """Run the denoising loop of a set whose first latent is the reference.
 
-    At every step the reference runs alone while the adapter records its features, then the targets run in chunks
-    that use the recording. The result equals running the whole set as one batch.
+    At every step the reference runs in the same U-Net call as the first chunk of targets, while the adapter records
+    its features; the other chunks run in their own calls and use the recording. A set in one chunk makes one call per
+    step, a set in k chunks k calls. The result equals running the whole set as one batch. The batch has two halves
+    (unconditional, conditional) when the adapter is made with `classifier_free_guidance=True`, else one.
+
+    Every call's images keep their own copy of the solver, so that a solver with a history (DPM-Solver++) never mixes
+    the histories of different calls; a stochastic solver (LCM) draws each image's noise from its own generator.
 
     Args:
         sd: The model, with `adapter` injected in its U-Net.
         adapter: The StyleAligned adapter.
         latents: The initial latents, the reference first: `(images, 4, height / 8, width / 8)`.
         conditioning: The text conditioning of the images.
-        guidance: The classifier-free guidance scale.
+        guidance: The classifier-free guidance scale (unused without classifier-free guidance).
         chunk_size: How many targets run together (default: all).
-        steps: The solver steps to run (default: all of `sd.steps`).
+        steps: The solver steps to run (default: all of the solver's).
         after_reference_step: Called with (step, reference latent) after each reference step; returns the latent
             to continue from (style transfer makes the reference follow an inversion trajectory this way).
         before_call: Called with the images of each U-Net call before it (to set per-image control inputs).
         progress: Called after each U-Net call, over the set's `progress_total` (decoding comes last).
+        solver: The solver (default: the model's); it is copied, never stepped itself.
+        generators: One generator per image, for a stochastic solver (default: the global generator, shared).
 
     Returns:
         The final latents.
     """
-    steps = list(sd.steps if steps is None else steps)
+    solver = sd.solver if solver is None else solver
+    steps = list(solver.inference_steps if steps is None else steps)
     x = latents.clone()
-    chunks = target_chunks(x.shape[0], chunk_size)
-    total = progress_total(len(steps), x.shape[0], chunk_size)
-
-    def report(phase: str, step_number: int, chunk: int) -> None:
-        if progress:
-            done = (step_number - 1) * (1 + len(chunks)) + chunk + 1
-            progress(ProgressEvent(done, total, phase, step_number, len(steps), chunk, len(chunks)))
-
+    groups = call_groups(x.shape[0], chunk_size)
+    solvers = [fresh_copy(solver) for _ in groups]
+    total = progress_total(x.shape[0], len(steps), chunk_size)
+    cfg = adapter.classifier_free_guidance
     cache = adapter.reference_cache
+
+    def report(step_number: int, call: int) -> None:
+        if progress:
+            done = (step_number - 1) * len(groups) + call
+            phase = "targets" if len(groups[0]) > 1 else "reference"
+            progress(ProgressEvent(done, total, phase, step_number, len(steps), call, len(groups)))
+
     with torch.no_grad():
         for step_number, step in enumerate(steps, start=1):
-            if before_call:
-                before_call([0])
-            with cache.record():
-                x[:1] = sd(x[:1], step, **conditioning([0]), condition_scale=guidance)
-            if after_reference_step is not None:
-                x[:1] = after_reference_step(step, x[:1])
-            report("reference", step_number, 0)
-            with cache.replay():
-                for number, chunk in enumerate(chunks, start=1):
-                    if before_call:
-                        before_call(chunk)
-                    images = slice(chunk[0], chunk[-1] + 1)
-                    x[images] = sd(x[images], step, **conditioning(chunk), condition_scale=guidance)
-                    report("targets", step_number, number)
+            for call, images in enumerate(groups, start=1):
+                if before_call:
+                    before_call(images)
+                rows = slice(images[0], images[-1] + 1)
+                mode = cache.record() if call == 1 else cache.replay()
+                with mode if len(groups) > 1 else contextlib.nullcontext():
+                    noise = predict_noise(
+                        sd,
+                        x[rows],
+                        step,
+                        solver=solvers[call - 1],
+                        conditioning=conditioning(images, cfg),
+                        guidance=guidance,
+                        classifier_free_guidance=cfg,
+                    )
+                rng = None if generators is None else list(generators[images[0] : images[-1] + 1])
+                x[rows] = solver_step(solvers[call - 1], x[rows], noise, step, rng)
+                if call == 1 and after_reference_step is not None:
+                    x[:1] = after_reference_step(step, x[:1])
+                report(step_number, call)
             cache.clear()
     return x
 
@@ -281,20 +380,23 @@ def denoise_with_extras(
     latents: Tensor,
     conditioning: SetConditioning,
     *,
-    solver: DDIM,
+    solver: Solver,
     progress: Progress | None = None,
     after_reference_step: Callable[[int, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Run `denoise_set` under `solver` with the spec's extras applied and StyleAligned injected, then remove them.
 
-    The model's solver, adapters and weights are as before when this returns, whether it succeeds or fails.
+    Without classifier-free guidance (a guidance scale of 1 or less, or a model with an LCM guidance embedding, which
+    then gets the guidance scale), the adapter is made with `classifier_free_guidance=False` and the batch has one
+    half. A stochastic solver draws each image's noise from a generator seeded by the spec's seed and the image.
+    The model's adapters, weights and LCM guidance scale are as before when this returns, whether it succeeds or fails.
 
     Args:
         sd: The model.
-        spec: The resolved set (its `style`, extras, size, guidance and chunk size are used).
-        latents: The initial latents, the reference first.
+        spec: The resolved set (its `style`, extras, size, guidance, seed and chunk size are used).
+        latents: The initial latents, the reference first (scaled for the solver: see `initial_latents`).
         conditioning: The text conditioning of the images.
-        solver: The solver to denoise with.
+        solver: The solver to denoise with (copied, not stepped itself).
         progress: See `denoise_set`.
         after_reference_step: See `denoise_set`.
 
@@ -302,9 +404,14 @@ def denoise_with_extras(
         The final latents.
     """
     assert spec.width is not None and spec.height is not None and spec.guidance is not None
-    adapter = StyleAlignedAdapter(sd.unet, spec.style)
-    previous_solver, sd.solver = sd.solver, solver
+    lcm = lcm_guidance_embedding(sd)
+    cfg = spec.classifier_free_guidance and lcm is None
+    adapter = StyleAlignedAdapter(sd.unet, spec.style, classifier_free_guidance=cfg)
+    generators = image_generators(spec.seed, latents.shape[0], sd.device) if is_stochastic(solver) else None
+    previous_scale = None if lcm is None else lcm.condition_scale
     try:
+        if lcm is not None:
+            lcm.set_condition_scale(spec.guidance)
         with Composition(sd, spec.extras(), latents.shape[0], spec.width, spec.height) as composition:
             adapter.inject()
             try:
@@ -316,20 +423,29 @@ def denoise_with_extras(
                     guidance=spec.guidance,
                     chunk_size=spec.chunk_size,
                     after_reference_step=after_reference_step,
-                    before_call=composition.before_call,
+                    before_call=lambda images: composition.before_call(images, classifier_free_guidance=cfg),
                     progress=progress,
+                    solver=solver,
+                    generators=generators,
                 )
             finally:
                 adapter.eject()
     finally:
-        sd.solver = previous_solver
+        if lcm is not None and previous_scale is not None:
+            lcm.set_condition_scale(previous_scale)
+
+
+def initial_latents(spec: SetSpec, count: int, solver: Solver, sd: StableDiffusion) -> Tensor:
+    """The initial noise of a set (see `initial_noise`), scaled as the solver needs it (Euler's initial sigma)."""
+    return solver.scale_model_input(initial_noise(spec, count, sd.device, sd.dtype), step=-1)
 
 
 def generate_set(sd: StableDiffusion, spec: SetSpec, progress: Progress | None = None) -> GeneratedSet:
     """Generate a style-consistent set of images.
 
     The first image (`spec.reference_prompt`, or the first prompt) is the reference; the others share its style.
-    The DDIM solver of the reference examples is used (see `ddim`); the model's solver is restored afterwards.
+    The spec's solver is used (by default the DDIM solver of the reference examples, see `ddim`); the model's own
+    solver is neither used nor changed.
 
     Args:
         sd: A `StableDiffusion_XL` or `StableDiffusion_1` (see `style_aligned.weights.loading.load_pipeline`).
@@ -346,10 +462,12 @@ def generate_set(sd: StableDiffusion, spec: SetSpec, progress: Progress | None =
     spec = spec.resolved(sd)
     assert spec.width is not None and spec.height is not None and spec.guidance is not None
     prompts = spec.image_prompts()
+    count = len(prompts)
     conditioning = SetConditioning(sd, prompts, spec.negative_prompt, spec.width, spec.height)
-    latents = initial_noise(spec, len(prompts), sd.device, sd.dtype)
-    latents = denoise_with_extras(sd, spec, latents, conditioning, solver=ddim(sd, spec.steps), progress=progress)
-    total = progress_total(spec.steps, len(prompts), spec.chunk_size)
+    solver = spec.make_solver(sd)
+    latents = initial_latents(spec, count, solver, sd)
+    latents = denoise_with_extras(sd, spec, latents, conditioning, solver=solver, progress=progress)
+    total = progress_total(count, spec.steps, spec.chunk_size)
     return GeneratedSet(images=decode(sd, latents, progress=progress, total=total), prompts=prompts, spec=spec)
 
 

@@ -47,6 +47,7 @@ def sidecar(command: str, spec: SetSpec, prompts: Sequence[str], **details: Any)
     return {
         "command": command,
         **{key: value for key, value in asdict(spec).items()},
+        "classifier_free_guidance": spec.classifier_free_guidance,
         "image_prompts": list(prompts),
         "images": [image_name(index, prompt) for index, prompt in enumerate(prompts)],
         "grid": GRID,

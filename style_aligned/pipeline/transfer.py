@@ -46,9 +46,24 @@ class TransferSpec(SetSpec):
         spec = replace(self, guidance=TRANSFER_GUIDANCE if self.guidance is None else self.guidance)
         resolved = SetSpec.resolved(spec, sd)
         assert isinstance(resolved, TransferSpec)
+        check_transfer_solver(resolved.solver, resolved.timestep_spacing)
         if not 0 <= resolved.offset < resolved.steps:
             raise ValueError(f"offset must be in [0, steps), got {resolved.offset} for {resolved.steps} steps")
         return resolved
+
+
+def check_transfer_solver(solver: str, timestep_spacing: str | None) -> None:
+    """Check that a transfer denoises with DDIM at leading spacing, the schedule its inversion walks.
+
+    Raises:
+        ValueError: If not.
+    """
+    if solver != "ddim":
+        raise ValueError(
+            f"transfer denoises with DDIM, the solver its DDIM inversion is made for: got --solver {solver}"
+        )
+    if timestep_spacing not in (None, "leading"):
+        raise ValueError(f"transfer uses DDIM's leading timesteps, as its inversion: got spacing {timestep_spacing}")
 
 
 def make_trajectory(sd: StableDiffusion, image: Image.Image, caption: str, spec: TransferSpec) -> ReferenceTrajectory:
@@ -116,5 +131,5 @@ def transfer_set(
     """
     latents, spec = transfer_latents(sd, trajectory, spec, progress)
     prompts = spec.image_prompts()
-    total = progress_total(spec.steps, len(prompts), spec.chunk_size)
+    total = progress_total(len(prompts), spec.steps, spec.chunk_size)
     return GeneratedSet(images=decode(sd, latents, progress=progress, total=total), prompts=prompts, spec=spec)

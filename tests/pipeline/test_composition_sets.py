@@ -66,7 +66,7 @@ def state(sd: StableDiffusion_1) -> dict[str, tuple[int, int, int]]:
     }  # noqa: SLF001
 
 
-SPEC = SetSpec(prompts=PROMPTS, width=64, steps=1, seed=1)
+SPEC = SetSpec(prompts=PROMPTS, width=64, steps=2, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_generate_command_with_a_control_image_and_a_lora(
     sd1_converted: Path, files: dict[str, Path], plain: np.ndarray, controlled: list[np.ndarray], tmp_path: Path
 ) -> None:
     out = tmp_path / "set"
-    arguments = ["generate", "--model", str(sd1_converted), "--out", str(out), "--size", "64x64", "--steps", "1"]
+    arguments = ["generate", "--model", str(sd1_converted), "--out", str(out), "--size", "64x64", "--steps", "2"]
     arguments += ["--seed", "1", "--controlnet", str(files["controlnet"]), "--control", str(files["control_0"])]
     cli(
         arguments
