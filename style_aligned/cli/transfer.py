@@ -21,7 +21,7 @@ def run_transfer(args: argparse.Namespace) -> None:
     from PIL import Image, UnidentifiedImageError
 
     from style_aligned.pipeline.inversion import ReferenceTrajectory
-    from style_aligned.pipeline.set_files import sidecar
+    from style_aligned.pipeline.set_files import set_title, sidecar
     from style_aligned.pipeline.transfer import TransferSpec, make_trajectory, transfer_set
 
     if args.trajectory is None and (args.image is None or args.caption is None):
@@ -69,7 +69,7 @@ def run_transfer(args: argparse.Namespace) -> None:
         args.out,
         lambda bar: transfer_set(sd, reference, spec, progress=bar),
         sidecar("transfer", spec, prompts, **details),
-        title=f"style transfer, seed {spec.seed}",
+        title=set_title("transfer", spec.seed),
     )
 
 

@@ -90,13 +90,14 @@ class SetSpec:
         """The prompt of every image, the reference first."""
         return ([self.reference_prompt] if self.reference_prompt is not None else []) + list(self.prompts)
 
-    def resolved(self, sd: StableDiffusion) -> "SetSpec":
-        """This spec with the model's defaults filled in, checked.
+    def resolved(self, sd: "StableDiffusion | ModelKind") -> "SetSpec":
+        """This spec with the model's defaults filled in, checked (given a model kind, its defaults: the checks need
+        no model).
 
         Raises:
             ValueError: If a setting is out of range.
         """
-        kind = model_kind(sd)
+        kind = sd if isinstance(sd, str) else model_kind(sd)
         width = self.width or self.height or DEFAULT_SIZE[kind]
         height = self.height or width
         guidance = DEFAULT_GUIDANCE[kind] if self.guidance is None else self.guidance
@@ -198,6 +199,23 @@ def progress_total(num_steps: int, num_images: int, chunk_size: int | None) -> i
     return num_steps * (1 + len(target_chunks(num_images, chunk_size))) + num_images
 
 
+def chunks_of_targets(num_images: int, chunk_size: int | None, targets: Sequence[int] | None) -> list[list[int]]:
+    """The chunks (see `target_chunks`) that hold `targets` (default: all of them).
+
+    Raises:
+        ValueError: If `targets` are not whole chunks of the set: a chunk's targets run in one batch, so rendering only
+            some of them would change the batch and, by a rounding, the images.
+    """
+    chunks = target_chunks(num_images, chunk_size)
+    if targets is None:
+        return chunks
+    wanted = set(targets)
+    chosen = [chunk for chunk in chunks if wanted.intersection(chunk)]
+    if {image for chunk in chosen for image in chunk} != wanted:
+        raise ValueError(f"the targets {sorted(wanted)} are not whole chunks of the set's chunks {chunks}")
+    return chosen
+
+
 def denoise_set(
     sd: StableDiffusion,
     adapter: StyleAlignedAdapter[Any],
@@ -210,6 +228,7 @@ def denoise_set(
     after_reference_step: Callable[[int, Tensor], Tensor] | None = None,
     before_call: Callable[[list[int]], None] | None = None,
     progress: Progress | None = None,
+    targets: Sequence[int] | None = None,
 ) -> Tensor:
     """Run the denoising loop of a set whose first latent is the reference.
 
@@ -228,14 +247,16 @@ def denoise_set(
             to continue from (style transfer makes the reference follow an inversion trajectory this way).
         before_call: Called with the images of each U-Net call before it (to set per-image control inputs).
         progress: Called after each U-Net call, over the set's `progress_total` (decoding comes last).
+        targets: Only these targets are denoised, whole chunks of the set (default: all); the reference is computed
+            as for the whole set, so a set split into shares of chunks gives the same latents as the whole set.
 
     Returns:
-        The final latents.
+        The final latents (the targets not denoised are left as they were).
     """
     steps = list(sd.steps if steps is None else steps)
     x = latents.clone()
-    chunks = target_chunks(x.shape[0], chunk_size)
-    total = progress_total(len(steps), x.shape[0], chunk_size)
+    chunks = chunks_of_targets(x.shape[0], chunk_size, targets)
+    total = len(steps) * (1 + len(chunks)) + x.shape[0]
 
     def report(phase: str, step_number: int, chunk: int) -> None:
         if progress:
@@ -272,6 +293,7 @@ def denoise_with_extras(
     solver: DDIM,
     progress: Progress | None = None,
     after_reference_step: Callable[[int, Tensor], Tensor] | None = None,
+    targets: Sequence[int] | None = None,
 ) -> Tensor:
     """Run `denoise_set` under `solver` with the spec's extras applied and StyleAligned injected, then remove them.
 
@@ -285,6 +307,7 @@ def denoise_with_extras(
         solver: The solver to denoise with.
         progress: See `denoise_set`.
         after_reference_step: See `denoise_set`.
+        targets: See `denoise_set`.
 
     Returns:
         The final latents.
@@ -306,6 +329,7 @@ def denoise_with_extras(
                     after_reference_step=after_reference_step,
                     before_call=composition.before_call,
                     progress=progress,
+                    targets=targets,
                 )
             finally:
                 adapter.eject()
@@ -331,14 +355,33 @@ def generate_set(sd: StableDiffusion, spec: SetSpec, progress: Progress | None =
         ValueError: If a setting is out of range.
         RuntimeError: If the U-Net already carries StyleAligned.
     """
+    latents, spec = generate_latents(sd, spec, progress=progress)
+    prompts = spec.image_prompts()
+    total = progress_total(spec.steps, len(prompts), spec.chunk_size)
+    return GeneratedSet(images=decode(sd, latents, progress=progress, total=total), prompts=prompts, spec=spec)
+
+
+def generate_latents(
+    sd: StableDiffusion, spec: SetSpec, *, progress: Progress | None = None, targets: Sequence[int] | None = None
+) -> tuple[Tensor, SetSpec]:
+    """Denoise a set; see `generate_set`.
+
+    Args:
+        sd: The model.
+        spec: What to generate.
+        progress: Called as the work proceeds.
+        targets: Only these targets, whole chunks of the set (see `denoise_set`); the others keep their noise.
+
+    Returns:
+        The final latents (the reference first) and the resolved spec.
+    """
     spec = spec.resolved(sd)
     assert spec.width is not None and spec.height is not None and spec.guidance is not None
     prompts = spec.image_prompts()
     conditioning = SetConditioning(sd, prompts, spec.negative_prompt, spec.width, spec.height)
     latents = initial_noise(spec, len(prompts), sd.device, sd.dtype)
-    latents = denoise_with_extras(sd, spec, latents, conditioning, solver=ddim(sd, spec.steps), progress=progress)
-    total = progress_total(spec.steps, len(prompts), spec.chunk_size)
-    return GeneratedSet(images=decode(sd, latents, progress=progress, total=total), prompts=prompts, spec=spec)
+    solver = ddim(sd, spec.steps)
+    return denoise_with_extras(sd, spec, latents, conditioning, solver=solver, progress=progress, targets=targets), spec
 
 
 def decode(
