@@ -108,16 +108,22 @@ class RayActors:
 
         Raises:
             ImportError: If Ray is not installed.
+            ValueError: If the cluster cannot be started or joined.
         """
         try:
             ray: Any = importlib.import_module("ray")
         except ImportError:
             raise ImportError("batches on Ray need Ray: pip install 'style-aligned[batch]'") from None
         self._ray = ray
-        if address is None:
-            ray.init(num_cpus=workers, include_dashboard=False, logging_level=logging.WARNING)
-        else:
-            ray.init(address=address, logging_level=logging.WARNING)
+        try:
+            if address is None:
+                ray.init(num_cpus=workers, include_dashboard=False, logging_level=logging.WARNING)
+            else:
+                ray.init(address=address, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError) as error:
+            raise ValueError(
+                f"cannot start or join the Ray cluster{f' at {address}' if address else ''}: {error}"
+            ) from None
         gpus = int(ray.cluster_resources().get("GPU", 0))
         count = workers or gpus or 1
         if address is None and gpus and count > gpus:
