@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
 from style_aligned.batch.worker import Rendered, SetWorker, Task
 from style_aligned.pipeline.inversion import ReferenceTrajectory
 
@@ -104,7 +106,8 @@ class RayActors:
         Args:
             workers: How many actors (default: one per GPU of the cluster, or one).
             address: A running cluster's address (`ray://HOST:10001`, `HOST:6379` or `auto`).
-            options: The keyword arguments of each actor's `SetWorker`.
+            options: The keyword arguments of each actor's `SetWorker` (by default, with as many CPU threads as this
+                process uses).
 
         Raises:
             ImportError: If Ray is not installed.
@@ -130,7 +133,9 @@ class RayActors:
             print(f"this machine has {gpus} GPU(s): running {gpus} worker(s), one per GPU", file=sys.stderr)
             count = gpus
         self._actor_class: Any = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0)(SetWorker)
-        self._options = options
+        # Ray gives an actor one thread per CPU it asks for; on the CPU the thread count changes results in their last
+        # bits, so every worker uses this process's count: a set is the same wherever it is made.
+        self._options = {"threads": torch.get_num_threads(), **options}
         self._actors: list[Any] = [self._actor_class.remote(**options) for _ in range(count)]
         self._models: list[Path | None] = [None] * count
         self._running: dict[Any, tuple[int, Task]] = {}

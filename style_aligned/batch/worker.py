@@ -70,14 +70,25 @@ class Rendered:
 class SetWorker:
     """Makes the sets of a manifest on one device, loading each model once and keeping the last one loaded."""
 
-    def __init__(self, *, device: str | None = None, dtype: str | None = None, cache_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        cache_dir: Path | None = None,
+        threads: int | None = None,
+    ) -> None:
         """Choose where the models run.
 
         Args:
             device: The torch device (default: `cuda` if available, else `cpu`).
             dtype: `float32`, `float16` or `bfloat16` (default: float16 on a GPU, float32 on the CPU).
             cache_dir: For diffusers model folders, where their conversion is kept.
+            threads: The number of CPU threads of torch (default: as it is). On the CPU, results depend on it in the
+                last bits: workers that use the same number make the same images.
         """
+        if threads is not None:
+            torch.set_num_threads(threads)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = DTYPES[dtype] if dtype else (torch.float32 if self.device == "cpu" else torch.float16)
         self.cache_dir = cache_dir
