@@ -19,7 +19,7 @@ from style_aligned.options import StyleAlignedOptions
 
 def run_generate(args: argparse.Namespace) -> None:
     from style_aligned.pipeline.generate import SetSpec, generate_set
-    from style_aligned.pipeline.set_files import sidecar
+    from style_aligned.pipeline.set_files import set_title, sidecar
 
     spec = SetSpec(
         **set_fields(args),
@@ -35,7 +35,7 @@ def run_generate(args: argparse.Namespace) -> None:
         args.out,
         lambda bar: generate_set(sd, spec, progress=bar),
         sidecar("generate", spec, spec.image_prompts(), model=str(args.model)),
-        title=f"style-aligned set, seed {spec.seed}",
+        title=set_title("generate", spec.seed),
         overwrite=args.overwrite,
     )
 

@@ -23,7 +23,7 @@ def run_transfer(args: argparse.Namespace) -> None:
     from PIL import Image, UnidentifiedImageError
 
     from style_aligned.pipeline.inversion import ReferenceTrajectory
-    from style_aligned.pipeline.set_files import sidecar
+    from style_aligned.pipeline.set_files import set_title, sidecar
     from style_aligned.pipeline.transfer import TransferSpec, check_transfer_solver, make_trajectory, transfer_set
 
     check_transfer_solver(args.solver, args.timestep_spacing)
@@ -80,7 +80,7 @@ def run_transfer(args: argparse.Namespace) -> None:
         args.out,
         lambda bar: transfer_set(sd, reference, spec, progress=bar),
         sidecar("transfer", spec, prompts, **details),
-        title=f"style transfer, seed {spec.seed}",
+        title=set_title("transfer", spec.seed),
         overwrite=args.overwrite,
     )
 

@@ -123,13 +123,14 @@ class SetSpec:
         """The prompt of every image, the reference first."""
         return ([self.reference_prompt] if self.reference_prompt is not None else []) + list(self.prompts)
 
-    def resolved(self, sd: StableDiffusion) -> "SetSpec":
-        """This spec with the model's defaults filled in, checked.
+    def resolved(self, sd: "StableDiffusion | ModelKind") -> "SetSpec":
+        """This spec with the model's defaults filled in, checked (given a model kind, its defaults: the checks need
+        no model).
 
         Raises:
             ValueError: If a setting is out of range.
         """
-        kind = model_kind(sd)
+        kind = sd if isinstance(sd, str) else model_kind(sd)
         width = self.width or self.height or DEFAULT_SIZE[kind]
         height = self.height or width
         guidance = DEFAULT_GUIDANCE[kind] if self.guidance is None else self.guidance
@@ -259,15 +260,21 @@ def target_chunks(num_images: int, chunk_size: int | None) -> list[list[int]]:
     return [targets[start : start + size] for start in range(0, len(targets), size)]
 
 
-def call_groups(num_images: int, chunk_size: int | None) -> list[list[int]]:
-    """The images of each U-Net call of a step: the reference with the first chunk of targets, then the others."""
-    chunks = target_chunks(num_images, chunk_size)
+def call_groups(num_images: int, chunk_size: int | None, targets: Sequence[int] | None = None) -> list[list[int]]:
+    """The images of each U-Net call of a step: the reference with the first chunk of targets, then the others.
+
+    Args:
+        num_images: The images of the set, the reference first.
+        chunk_size: How many targets run together (default: all).
+        targets: Only the chunks that hold these targets (see `chunks_of_targets`; default: all).
+    """
+    chunks = chunks_of_targets(num_images, chunk_size, targets)
     return [[0, *chunks[0]], *chunks[1:]] if chunks else [[0]]
 
 
-def progress_total(num_images: int, steps: int, chunk_size: int | None) -> int:
-    """The units of work of a set: one per U-Net call, one per decoded image."""
-    return steps * len(call_groups(num_images, chunk_size)) + num_images
+def progress_total(num_images: int, steps: int, chunk_size: int | None, targets: Sequence[int] | None = None) -> int:
+    """The units of work of a set (or of its share of `targets`): one per U-Net call, one per decoded image."""
+    return steps * len(call_groups(num_images, chunk_size, targets)) + num_images
 
 
 def predict_noise(
@@ -290,6 +297,23 @@ def predict_noise(
     return unconditional + guidance * (conditional - unconditional)
 
 
+def chunks_of_targets(num_images: int, chunk_size: int | None, targets: Sequence[int] | None) -> list[list[int]]:
+    """The chunks (see `target_chunks`) that hold `targets` (default: all of them).
+
+    Raises:
+        ValueError: If `targets` are not whole chunks of the set: a chunk's targets run in one batch, so rendering only
+            some of them would change the batch and, by a rounding, the images.
+    """
+    chunks = target_chunks(num_images, chunk_size)
+    if targets is None:
+        return chunks
+    wanted = set(targets)
+    chosen = [chunk for chunk in chunks if wanted.intersection(chunk)]
+    if {image for chunk in chosen for image in chunk} != wanted:
+        raise ValueError(f"the targets {sorted(wanted)} are not whole chunks of the set's chunks {chunks}")
+    return chosen
+
+
 def denoise_set(
     sd: StableDiffusion,
     adapter: StyleAlignedAdapter[Any],
@@ -304,6 +328,7 @@ def denoise_set(
     progress: Progress | None = None,
     solver: Solver | None = None,
     generators: Sequence[torch.Generator] | None = None,
+    targets: Sequence[int] | None = None,
 ) -> Tensor:
     """Run the denoising loop of a set whose first latent is the reference.
 
@@ -329,16 +354,18 @@ def denoise_set(
         progress: Called after each U-Net call, over the set's `progress_total` (decoding comes last).
         solver: The solver (default: the model's); it is copied, never stepped itself.
         generators: One generator per image, for a stochastic solver (default: the global generator, shared).
+        targets: Only these targets are denoised, whole chunks of the set (default: all); the reference is computed
+            as for the whole set, so a set split into shares of chunks gives the same latents as the whole set.
 
     Returns:
-        The final latents.
+        The final latents (the targets not denoised are left as they were).
     """
     solver = sd.solver if solver is None else solver
     steps = list(solver.inference_steps if steps is None else steps)
     x = latents.clone()
-    groups = call_groups(x.shape[0], chunk_size)
+    groups = call_groups(x.shape[0], chunk_size, targets)
     solvers = [fresh_copy(solver) for _ in groups]
-    total = progress_total(x.shape[0], len(steps), chunk_size)
+    total = progress_total(num_images=x.shape[0], steps=len(steps), chunk_size=chunk_size, targets=targets)
     cfg = adapter.classifier_free_guidance
     cache = adapter.reference_cache
 
@@ -353,7 +380,8 @@ def denoise_set(
             for call, images in enumerate(groups, start=1):
                 if before_call:
                     before_call(images)
-                rows = slice(images[0], images[-1] + 1)
+                contiguous = images == list(range(images[0], images[-1] + 1))
+                rows = slice(images[0], images[-1] + 1) if contiguous else torch.tensor(images, device=x.device)
                 mode = cache.record() if call == 1 else cache.replay()
                 with mode if len(groups) > 1 else contextlib.nullcontext():
                     noise = predict_noise(
@@ -365,7 +393,7 @@ def denoise_set(
                         guidance=guidance,
                         classifier_free_guidance=cfg,
                     )
-                rng = None if generators is None else list(generators[images[0] : images[-1] + 1])
+                rng = None if generators is None else [generators[image] for image in images]
                 x[rows] = solver_step(solvers[call - 1], x[rows], noise, step, rng)
                 if call == 1 and after_reference_step is not None:
                     x[:1] = after_reference_step(step, x[:1])
@@ -383,6 +411,7 @@ def denoise_with_extras(
     solver: Solver,
     progress: Progress | None = None,
     after_reference_step: Callable[[int, Tensor], Tensor] | None = None,
+    targets: Sequence[int] | None = None,
 ) -> Tensor:
     """Run `denoise_set` under `solver` with the spec's extras applied and StyleAligned injected, then remove them.
 
@@ -399,6 +428,7 @@ def denoise_with_extras(
         solver: The solver to denoise with (copied, not stepped itself).
         progress: See `denoise_set`.
         after_reference_step: See `denoise_set`.
+        targets: See `denoise_set`.
 
     Returns:
         The final latents.
@@ -427,6 +457,7 @@ def denoise_with_extras(
                     progress=progress,
                     solver=solver,
                     generators=generators,
+                    targets=targets,
                 )
             finally:
                 adapter.eject()
@@ -459,16 +490,33 @@ def generate_set(sd: StableDiffusion, spec: SetSpec, progress: Progress | None =
         ValueError: If a setting is out of range.
         RuntimeError: If the U-Net already carries StyleAligned.
     """
+    latents, spec = generate_latents(sd, spec, progress=progress)
+    prompts = spec.image_prompts()
+    total = progress_total(num_images=len(prompts), steps=spec.steps, chunk_size=spec.chunk_size)
+    return GeneratedSet(images=decode(sd, latents, progress=progress, total=total), prompts=prompts, spec=spec)
+
+
+def generate_latents(
+    sd: StableDiffusion, spec: SetSpec, *, progress: Progress | None = None, targets: Sequence[int] | None = None
+) -> tuple[Tensor, SetSpec]:
+    """Denoise a set; see `generate_set`.
+
+    Args:
+        sd: The model.
+        spec: What to generate.
+        progress: Called as the work proceeds.
+        targets: Only these targets, whole chunks of the set (see `denoise_set`); the others keep their noise.
+
+    Returns:
+        The final latents (the reference first) and the resolved spec.
+    """
     spec = spec.resolved(sd)
     assert spec.width is not None and spec.height is not None and spec.guidance is not None
     prompts = spec.image_prompts()
-    count = len(prompts)
     conditioning = SetConditioning(sd, prompts, spec.negative_prompt, spec.width, spec.height)
     solver = spec.make_solver(sd)
-    latents = initial_latents(spec, count, solver, sd)
-    latents = denoise_with_extras(sd, spec, latents, conditioning, solver=solver, progress=progress)
-    total = progress_total(count, spec.steps, spec.chunk_size)
-    return GeneratedSet(images=decode(sd, latents, progress=progress, total=total), prompts=prompts, spec=spec)
+    latents = initial_latents(spec, len(prompts), solver, sd)
+    return denoise_with_extras(sd, spec, latents, conditioning, solver=solver, progress=progress, targets=targets), spec
 
 
 def decode(

@@ -3,6 +3,8 @@
 import json
 import os
 import re
+import shutil
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict
 from importlib.metadata import version
@@ -62,6 +64,46 @@ def write_set_images(directory: Path, images: Sequence[Image.Image], prompts: Se
         save_png(image, directory / image_name(index, prompt))
     labels = [f"reference: {prompts[0]}", *prompts[1:]]
     save_png(labelled_grid(images, labels, title=title), directory / GRID)
+
+
+def set_title(command: str, seed: int) -> str:
+    """The title of a set's grid image, for the command that made it (`generate` or `transfer`)."""
+    return f"style transfer, seed {seed}" if command == "transfer" else f"style-aligned set, seed {seed}"
+
+
+PARTIAL = re.compile(r"\..+\.[0-9a-f]{8}\.partial")
+"""The name of a set folder being written (see `write_complete_set`)."""
+
+
+def write_complete_set(
+    directory: Path, *, details: dict[str, Any], images: Sequence[Image.Image], prompts: Sequence[str], title: str
+) -> None:
+    """Write a whole set (sidecar, images, grid) so that its folder appears only when complete.
+
+    Everything is written into a temporary folder beside `directory` (same file system), which is then renamed.
+
+    Args:
+        directory: The set's folder; it must not exist.
+        details: The sidecar (see `sidecar`).
+        images: The images, the reference first.
+        prompts: Their prompts.
+        title: The title of the grid image.
+
+    Raises:
+        FileExistsError: If `directory` exists.
+    """
+    if directory.exists():
+        raise FileExistsError(f"{directory} exists: a set is never written over another")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    temporary = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.partial")
+    temporary.mkdir()
+    try:
+        write_json(temporary / SIDECAR, details)
+        write_set_images(temporary, images, prompts, title=title)
+        os.rename(temporary, directory)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
 
 
 def read_sidecar(directory: Path) -> dict[str, Any]:

@@ -1,11 +1,12 @@
 """Style transfer from a real image: the reference row follows the image's DDIM inversion trajectory."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from PIL import Image
 from torch import Tensor
 
-from style_aligned.options import StyleAlignedOptions
+from style_aligned.options import ModelKind, StyleAlignedOptions
 from style_aligned.pipeline.generate import (
     GeneratedSet,
     Progress,
@@ -42,7 +43,7 @@ class TransferSpec(SetSpec):
     fit: Fit = "crop"
     style: StyleAlignedOptions = field(default_factory=StyleAlignedOptions.for_transfer)
 
-    def resolved(self, sd: StableDiffusion) -> "TransferSpec":
+    def resolved(self, sd: "StableDiffusion | ModelKind") -> "TransferSpec":
         spec = replace(self, guidance=TRANSFER_GUIDANCE if self.guidance is None else self.guidance)
         resolved = SetSpec.resolved(spec, sd)
         assert isinstance(resolved, TransferSpec)
@@ -79,8 +80,17 @@ def transfer_latents(
     trajectory: ReferenceTrajectory,
     spec: TransferSpec,
     progress: Progress | None = None,
+    *,
+    targets: Sequence[int] | None = None,
 ) -> tuple[Tensor, TransferSpec]:
     """Denoise a set in the style of an inverted reference image; see `transfer_set`.
+
+    Args:
+        sd: The model.
+        trajectory: The reference's inversion.
+        spec: The targets and settings.
+        progress: Called as the work proceeds.
+        targets: Only these targets, whole chunks of the set (see `denoise_set`); the others keep their noise.
 
     Returns:
         The final latents (the reference first) and the resolved spec.
@@ -100,7 +110,14 @@ def transfer_latents(
         return reference[max(spec.offset + 1, step - first_step + 1)][None]
 
     latents = denoise_with_extras(
-        sd, spec, latents, conditioning, solver=solver, progress=progress, after_reference_step=follow_trajectory
+        sd,
+        spec,
+        latents,
+        conditioning,
+        solver=solver,
+        progress=progress,
+        after_reference_step=follow_trajectory,
+        targets=targets,
     )
     return latents, spec
 
@@ -131,5 +148,5 @@ def transfer_set(
     """
     latents, spec = transfer_latents(sd, trajectory, spec, progress)
     prompts = spec.image_prompts()
-    total = progress_total(len(prompts), spec.steps, spec.chunk_size)
+    total = progress_total(num_images=len(prompts), steps=spec.steps, chunk_size=spec.chunk_size)
     return GeneratedSet(images=decode(sd, latents, progress=progress, total=total), prompts=prompts, spec=spec)

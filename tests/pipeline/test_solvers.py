@@ -148,7 +148,7 @@ def test_solver_names_spacings_and_defaults() -> None:
             make_solver(*bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown timestep spacing"):
         make_solver("ddim", 4, spacing="karras")  # type: ignore[arg-type]
-    assert progress_total(5, 4, 2) == 4 * 2 + 5 and call_groups(5, 2) == [[0, 1, 2], [3, 4]]
+    assert progress_total(num_images=5, steps=4, chunk_size=2) == 4 * 2 + 5 and call_groups(5, 2) == [[0, 1, 2], [3, 4]]
     assert call_groups(1, None) == [[0]] and call_groups(3, None) == [[0, 1, 2]]
 
 

@@ -1,0 +1,307 @@
+"""The batch manifest: a JSON Lines file of sets, one a line, read and checked whole before anything runs.
+
+A line holds an `id` (the set's folder under the output folder), a `kind` (`generate` or `transfer`), the fields of
+`SetSpec` (or of `TransferSpec`, with the reference as `image` and `caption`, or a saved `trajectory`), optionally the
+`model` and a `split` into shares that run on different workers. See `docs/batch.md`.
+"""
+
+import dataclasses
+import json
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, cast, get_args, get_origin
+
+from PIL import Image
+
+from style_aligned.options import StyleAlignedOptions
+from style_aligned.pipeline.generate import SetSpec, target_chunks
+from style_aligned.pipeline.transfer import TransferSpec
+
+Kind = Literal["generate", "transfer"]
+SPECS: dict[str, type[SetSpec]] = {"generate": SetSpec, "transfer": TransferSpec}
+COMMON_FIELDS = ("id", "kind", "model", "split")
+TRANSFER_FIELDS = ("image", "caption", "trajectory")
+NOT_FOR_TRANSFER = ("reference_prompt",)  # the trajectory's caption is the reference's prompt
+ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot run: every bad line, with its number and the problem."""
+
+
+@dataclass(frozen=True)
+class SetEntry:
+    """One set of a manifest.
+
+    Attributes:
+        line: Its line number in the manifest (1-based).
+        id: The name of its folder under the output folder.
+        kind: `"generate"` or `"transfer"`.
+        model: The model folder.
+        spec: The set, as the `generate` or `transfer` command builds it; with `split`, its chunk size defaults to
+            the targets divided by `split`, rounded up.
+        split: Into how many shares of whole chunks of targets the set is cut, at most (1: not split).
+        image: The reference image of a transfer.
+        caption: Its caption.
+        trajectory: A saved inversion to transfer from, instead of `image` and `caption`.
+        given: The fields given on the line.
+    """
+
+    line: int
+    id: str
+    kind: Kind
+    model: Path
+    spec: SetSpec
+    split: int = 1
+    image: Path | None = None
+    caption: str | None = None
+    trajectory: Path | None = None
+    given: frozenset[str] = field(default_factory=lambda: frozenset[str]())
+
+    @property
+    def num_targets(self) -> int:
+        """The number of images that take the reference's style."""
+        return len(self.spec.prompts) if self.kind == "transfer" else len(self.spec.image_prompts()) - 1
+
+    def shares(self) -> list[tuple[int, ...]]:
+        """The images each share of the set renders: whole chunks of targets, dealt out in order; the first share
+        also decodes the reference (image 0). An unsplit set is one share of all its images."""
+        chunks = target_chunks(self.num_targets + 1, self.spec.chunk_size)
+        count = max(1, min(self.split, len(chunks)))
+        bounds = [round(index * len(chunks) / count) for index in range(count + 1)]
+        groups = [[image for chunk in chunks[bounds[i] : bounds[i + 1]] for image in chunk] for i in range(count)]
+        return [tuple(([0] if index == 0 else []) + group) for index, group in enumerate(groups)]
+
+    def steps_from_trajectory(self) -> bool:
+        """Whether the steps (and, unless given, the size) come from the saved trajectory, as `transfer` does."""
+        return self.trajectory is not None and "steps" not in self.given
+
+    def identity(self) -> dict[str, Any]:
+        """What makes the set: the kind, the model, the reference and every setting, defaults filled in, as JSON.
+
+        A set on disk is the same set when its sidecar holds the same identity (the id and `split` are not part of
+        it: a split set is identical to an unsplit one with the same chunk size).
+        """
+        settings = dataclasses.asdict(self.spec)
+        if self.steps_from_trajectory():
+            settings["steps"] = None
+        data = {"kind": self.kind, "model": self.model, **settings}
+        if self.kind == "transfer":
+            data |= {"image": self.image, "caption": self.caption, "trajectory": self.trajectory}
+            del data["reference_prompt"]
+        return json.loads(json.dumps(data, default=str))
+
+
+def read_manifest(path: Path, *, model: Path | None = None) -> list[SetEntry]:
+    """Read and check a whole manifest.
+
+    Relative paths on a line are taken from the manifest's folder. Files are not opened: a missing image fails its
+    set when it runs, not the manifest.
+
+    Args:
+        path: The JSON Lines file.
+        model: The model of the lines that name none.
+
+    Returns:
+        The sets, in order.
+
+    Raises:
+        FileNotFoundError: If the manifest does not exist.
+        ManifestError: Naming every bad line and its problem (unknown field, bad value, duplicate id, ...).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"no manifest at {path}")
+    entries: list[SetEntry] = []
+    problems: list[str] = []
+    first_line: dict[str, int] = {}
+    for number, text in enumerate(path.read_text().splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            entry = read_line(text, number, base=path.parent, model=model)
+        except ValueError as error:
+            problems.append(f"{path} line {number}: {error}")
+            continue
+        if entry.id in first_line:
+            problems.append(f"{path} line {number}: duplicate id {entry.id!r} (first on line {first_line[entry.id]})")
+            continue
+        first_line[entry.id] = number
+        entries.append(entry)
+    if problems:
+        raise ManifestError("\n".join(problems))
+    if not entries:
+        raise ManifestError(f"{path} holds no set")
+    return entries
+
+
+def read_line(text: str, number: int, *, base: Path, model: Path | None) -> SetEntry:
+    """Read one line of a manifest.
+
+    Raises:
+        ValueError: Naming the problem.
+    """
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not JSON: {error.msg} at column {error.colno}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    line = cast(dict[str, Any], data)
+    set_id = line.get("id")
+    if not isinstance(set_id, str) or not ID.fullmatch(set_id):
+        raise ValueError(
+            f"id must be a folder name of letters, digits, '.', '_' and '-' (not starting with '.'), got {set_id!r}"
+        )
+    kind = line.get("kind")
+    if kind not in SPECS:
+        raise ValueError(f"kind must be one of {', '.join(SPECS)}, got {kind!r}")
+    kind = cast(Kind, kind)
+    spec_type = SPECS[kind]
+    spec_fields = {f.name: f for f in dataclasses.fields(spec_type) if f.init}
+    if kind == "transfer":
+        spec_fields = {name: f for name, f in spec_fields.items() if name not in NOT_FOR_TRANSFER}
+    allowed = [*COMMON_FIELDS, *(TRANSFER_FIELDS if kind == "transfer" else ()), *spec_fields]
+    if unknown := [name for name in line if name not in allowed]:
+        raise ValueError(f"unknown field {unknown[0]!r} for a {kind} set (fields: {', '.join(allowed)})")
+
+    hints = typing.get_type_hints(spec_type)
+    values: dict[str, Any] = {}
+    for name, value in line.items():
+        if name == "style":
+            values[name] = read_style(value, default=spec_fields["style"])
+        elif name in spec_fields:
+            values[name] = convert(value, hints[name], name, base)
+    if "prompts" not in values:
+        raise ValueError("missing field 'prompts' (one prompt per image)")
+    spec = spec_type(**values)
+
+    split = convert(line.get("split", 1), int, "split", base)
+    if split < 1:
+        raise ValueError(f"split must be at least 1, got {split}")
+    model_path = convert(line["model"], Path, "model", base) if "model" in line else model
+    image = convert(line["image"], Path, "image", base) if "image" in line else None
+    caption = convert(line["caption"], str, "caption", base) if "caption" in line else None
+    trajectory = convert(line["trajectory"], Path, "trajectory", base) if "trajectory" in line else None
+    from_image = image is not None and caption is not None and trajectory is None
+    from_trajectory = trajectory is not None and image is None and caption is None
+    if kind == "transfer" and not (from_image or from_trajectory):
+        raise ValueError('a transfer needs its reference as "image" and "caption", or as a saved "trajectory"')
+    entry = SetEntry(
+        line=number,
+        id=set_id,
+        kind=kind,
+        model=model_path or Path(),
+        spec=spec,
+        split=split,
+        image=image,
+        caption=caption,
+        trajectory=trajectory,
+        given=frozenset(line),
+    )
+    check(entry)
+    if model_path is None:
+        raise ValueError('no model: give "model" on the line or --model')
+    if split > 1 and spec.chunk_size is None:
+        entry = replace(entry, spec=replace(spec, chunk_size=max(1, math.ceil(entry.num_targets / split))))
+    return entry
+
+
+def check(entry: SetEntry) -> None:
+    """The checks of the set's settings that need no model (those of `SetSpec.resolved`), and the split's.
+
+    Raises:
+        ValueError: Naming the problem.
+    """
+    spec = entry.spec
+    if entry.steps_from_trajectory() and isinstance(spec, TransferSpec):  # its steps are read when the set runs
+        spec = replace(spec, steps=max(spec.steps, spec.offset + 1))
+    spec.resolved("sd1")
+    if entry.split > 1 and entry.num_targets < entry.split:
+        raise ValueError(f"split {entry.split} needs at least {entry.split} targets, this set has {entry.num_targets}")
+
+
+def read_style(value: object, *, default: dataclasses.Field[Any]) -> StyleAlignedOptions:
+    """Read a `style` object: changes to the kind's default options (a transfer's are the transfer example's)."""
+    if not isinstance(value, dict):
+        raise ValueError(f"style must be an object of StyleAlignedOptions, got {json.dumps(value)}")
+    changes = cast(dict[str, Any], value)
+    hints = typing.get_type_hints(StyleAlignedOptions)
+    converted = {
+        name: convert(v, hints[name], f"style.{name}", Path()) if name in hints else v for name, v in changes.items()
+    }
+    assert default.default_factory is not dataclasses.MISSING
+    base = cast(StyleAlignedOptions, default.default_factory())
+    return StyleAlignedOptions.from_dict({**base.to_dict(), **converted})
+
+
+def convert(value: object, annotation: Any, where: str, base: Path) -> Any:
+    """Check a JSON value against a field's type and convert it (paths are taken from `base`).
+
+    Raises:
+        ValueError: Naming the field and what it takes.
+    """
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [arg for arg in args if arg is not type(None) and arg is not Image.Image]
+        if value is None and type(None) in args:
+            return None
+        if Path in options:  # str | Path: a path
+            return convert(value, Path, where, base)
+        if len(options) == 1:
+            return convert(value, options[0], where, base)
+        raise TypeError(f"{where}: a field of type {annotation} cannot be read from a manifest")
+    if annotation is Path:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{where} must be a path, got {json.dumps(value)}")
+        return (base / Path(value).expanduser()).absolute()
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {json.dumps(value)}")
+        return value
+    if annotation is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{where} must be a whole number, got {json.dumps(value)}")
+        return value
+    if annotation is float:
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"{where} must be a number, got {json.dumps(value)}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where} must be a string, got {json.dumps(value)}")
+        return value
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{where} must be one of {', '.join(map(json.dumps, args))}, got {json.dumps(value)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise ValueError(f"{where} must be a list, got {json.dumps(value)}")
+        items = [convert(item, args[0], f"{where}[{index}]", base) for index, item in enumerate(cast(list[Any], value))]
+        return items if origin is list else tuple(items)
+    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+        return convert_dataclass(value, annotation, where, base)
+    raise TypeError(f"{where}: a field of type {annotation} cannot be read from a manifest")
+
+
+def convert_dataclass(value: object, annotation: type[Any], where: str, base: Path) -> Any:
+    """Read an object into a dataclass (a ControlNet, a LoRA, an IP-Adapter), naming unknown and missing fields."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be an object, got {json.dumps(value)}")
+    given = cast(dict[str, Any], value)
+    fields = {f.name: f for f in dataclasses.fields(annotation)}
+    if unknown := [name for name in given if name not in fields]:
+        raise ValueError(f"unknown field {where}.{unknown[0]} (fields: {', '.join(fields)})")
+    required = [
+        name
+        for name, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing := [name for name in required if name not in given]:
+        raise ValueError(f"missing field {where}.{missing[0]}")
+    hints = typing.get_type_hints(annotation)
+    return annotation(**{name: convert(item, hints[name], f"{where}.{name}", base) for name, item in given.items()})

@@ -1,0 +1,177 @@
+"""Batches end to end on the random SD1 model at 64x64 px, 2 steps: on a local Ray cluster of 2 workers, against
+each set made alone by `generate` or `transfer`, and in this process after the driver was killed.
+
+One manifest of 4 sets (one split generate set, one split transfer) and a set that fails (its image is missing) is
+made once on Ray and once without; the tests compare those runs. Each Ray worker loads its own pipeline (about
+4.2 GiB), so 2 workers at most.
+"""
+
+import gc
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from style_aligned.batch.runner import BATCH_KEY
+from style_aligned.cli import main as cli
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).parents[2]
+CAPTION = "Man laying in a bed, medieval painting."
+SETS: list[dict[str, Any]] = [
+    {"id": "toys", "kind": "generate", "prompts": ["a toy train", "a toy car", "a toy boat"], "seed": 1},
+    {
+        "id": "animals",
+        "kind": "generate",
+        "reference_prompt": "a cat, watercolor",
+        "prompts": ["a dog", "a bird", "a fish", "a horse"],
+        "seed": 2,
+        "split": 2,
+        "style": {"shared_score_shift": 0.69},
+    },
+    {
+        "id": "medieval",
+        "kind": "transfer",
+        "image": "reference.png",
+        "caption": CAPTION,
+        "prompts": ["A man working on a laptop.", "A man eats pizza."],
+        "offset": 1,
+        "seed": 3,
+        "split": 2,
+    },
+    {"id": "fruit", "kind": "generate", "prompts": ["an apple", "a pear", "a plum"], "chunk_size": 1, "seed": 4},
+    {"id": "broken", "kind": "transfer", "image": "missing.png", "caption": CAPTION, "prompts": ["a man"], "offset": 1},
+]
+COMPLETE = [line["id"] for line in SETS if line["id"] != "broken"]
+
+
+def batch(manifest: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-c", "from style_aligned.cli import main; main()", "batch", str(manifest),
+            "--out", str(out), "--max-retries", "1", *extra]  # fmt: skip
+
+
+def run(command: list[str]) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def runs(sd1_converted: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The manifest made on a local Ray cluster of 2 workers, and made without Ray by a driver killed with SIGKILL
+    after its first set, then rerun."""
+    folder = tmp_path_factory.mktemp("batch")
+    generator = np.random.default_rng(0)
+    Image.fromarray(generator.integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(folder / "reference.png")
+    lines = [{"width": 64, "height": 64, "steps": 2, **line} for line in SETS]
+    manifest = folder / "sets.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    model = ["--model", str(sd1_converted)]
+
+    on_ray = run(batch(manifest, folder / "ray", *model, "--workers", "2"))
+    assert on_ray.returncode in (0, 1), on_ray.stderr
+
+    local = folder / "local"
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    log = folder / "killed.log"
+    with log.open("w") as stderr:
+        killed = subprocess.Popen(batch(manifest, local, *model), env=environment, stderr=stderr, text=True)
+        deadline = time.monotonic() + 600
+        while not (local / "toys").exists() and killed.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+    killed_output = log.read_text()
+    after_kill = sorted(path.name for path in local.iterdir())
+    rerun = run(batch(manifest, local, *model))
+    return {
+        "folder": folder,
+        "model": sd1_converted,
+        "on_ray": on_ray,
+        "killed_output": killed_output,
+        "after_kill": after_kill,
+        "rerun": rerun,
+    }
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def max_difference(first: bytes, second: bytes) -> int:
+    """The largest difference of two PNG files' pixel values."""
+    with Image.open(io.BytesIO(first)) as a, Image.open(io.BytesIO(second)) as b:
+        return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+
+
+def test_on_ray_failed_set_is_retried_and_reported_and_the_others_complete(runs: dict[str, Any]) -> None:
+    on_ray: subprocess.CompletedProcess[str] = runs["on_ray"]
+    assert on_ray.returncode == 1, on_ray.stderr
+    assert "Ray: 2 worker(s) on CPU" in on_ray.stderr
+    assert "broken failed (attempt 1), retrying: ValueError: cannot read the reference image" in on_ray.stderr
+    assert "failed broken after 2 attempts" in on_ray.stderr
+    assert "medieval (share 2/2)" in on_ray.stderr and "inverted the reference of medieval" in on_ray.stderr
+    summary = on_ray.stdout.splitlines()
+    assert "5 sets: 4 done, 0 skipped, 1 failed" in summary
+    assert any(line.startswith("failed broken: ValueError: cannot read the reference image") for line in summary)
+    out = runs["folder"] / "ray"
+    assert sorted(path.name for path in out.iterdir()) == sorted(COMPLETE)  # no folder for the failed set
+
+
+def test_sets_are_bit_identical_to_each_set_made_alone(runs: dict[str, Any], tmp_path: Path) -> None:
+    """In process, bit for bit; on the CPU Ray workers, within one level of 255 (open: their last bits differ)."""
+    folder, model = runs["folder"], str(runs["model"])
+    common = ["--model", model, "--size", "64x64", "--steps", "2"]
+
+    def prompts(line: dict[str, Any]) -> list[str]:
+        return [argument for prompt in line["prompts"] for argument in ("--prompt", prompt)]
+
+    toys, animals, medieval, fruit = SETS[:4]
+    commands = {
+        "toys": ["generate", *common, *prompts(toys), "--seed", "1"],
+        "animals": ["generate", *common, *prompts(animals), "--reference-prompt", animals["reference_prompt"],
+                    "--seed", "2", "--shared-score-shift", "0.69", "--chunk-size", "2"],  # 4 targets split in 2
+        "medieval": ["transfer", *common, *prompts(medieval), "--image", str(folder / "reference.png"),
+                     "--caption", CAPTION, "--offset", "1", "--seed", "3", "--chunk-size", "1"],
+        "fruit": ["generate", *common, *prompts(fruit), "--seed", "4", "--chunk-size", "1"],
+    }  # fmt: skip
+    for name, command in commands.items():
+        cli([*command, "--out", str(tmp_path / name)])
+        gc.collect()
+        alone, batched, on_ray = (
+            files(where) for where in (tmp_path / name, folder / "local" / name, folder / "ray" / name)
+        )
+        sidecar, batched_sidecar = (json.loads(made.pop("set.json")) for made in (alone, batched))
+        assert json.loads(on_ray.pop("set.json")) == batched_sidecar
+        assert batched_sidecar.pop(BATCH_KEY)["id"] == name
+        assert batched_sidecar == sidecar, name
+        assert alone.keys() == batched.keys() == on_ray.keys() and len(alone) == len(sidecar["images"]) + 1
+        for file_name in alone:
+            assert alone[file_name] == batched[file_name], f"{name}/{file_name}"
+            assert max_difference(alone[file_name], on_ray[file_name]) <= 1, f"{name}/{file_name}"
+
+
+def test_killed_driver_rerun_without_ray_skips_finished_sets_and_gives_the_same_folders(runs: dict[str, Any]) -> None:
+    assert "started toys" in runs["killed_output"] and "done animals" not in runs["killed_output"]
+    assert "toys" in runs["after_kill"] and "animals" not in runs["after_kill"]  # killed after the first set
+    rerun: subprocess.CompletedProcess[str] = runs["rerun"]
+    assert rerun.returncode == 1, rerun.stderr
+    assert "5 sets: 3 done, 1 skipped, 1 failed" in rerun.stdout.splitlines()
+    assert "started toys" not in rerun.stderr and "Ray" not in rerun.stderr
+    assert "failed broken after 2 attempts" in rerun.stderr
+    local, on_ray = runs["folder"] / "local", runs["folder"] / "ray"
+    assert sorted(path.name for path in local.iterdir()) == sorted(COMPLETE)  # no temporary folder is left
+    for name in COMPLETE:
+        made_locally, made_on_ray = files(local / name), files(on_ray / name)
+        assert json.loads(made_locally.pop("set.json")) == json.loads(made_on_ray.pop("set.json"))
+        assert made_locally.keys() == made_on_ray.keys(), name
+        assert all(max_difference(made_locally[file], made_on_ray[file]) <= 1 for file in made_locally), name
