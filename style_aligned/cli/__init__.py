@@ -3,6 +3,7 @@
 import argparse
 from collections.abc import Callable, Sequence
 
+from style_aligned.cli.app import add_app_command
 from style_aligned.cli.convert import add_convert_command
 from style_aligned.cli.evaluate import add_evaluate_command
 from style_aligned.cli.generate import add_generate_command
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         subparsers.add_parser("evaluate", help="score sets: CLIP text alignment and DINO set consistency")
     )
     add_sweep_command(subparsers.add_parser("sweep", help="generate a set per setting of a grid of options, and plot"))
+    add_app_command(subparsers.add_parser("app", help="a local web page to make sets, transfers and sweeps"))
     return parser
 
 

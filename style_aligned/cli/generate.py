@@ -1,6 +1,7 @@
 """`style-aligned generate`: a style-consistent set from prompts."""
 
 import argparse
+from typing import TYPE_CHECKING
 
 from style_aligned.cli.options import (
     add_extras_options,
@@ -14,23 +15,38 @@ from style_aligned.cli.options import (
 )
 from style_aligned.options import StyleAlignedOptions
 
+if TYPE_CHECKING:
+    from style_aligned.pipeline.generate import SetSpec
 
-def run_generate(args: argparse.Namespace) -> None:
-    from style_aligned.pipeline.generate import SetSpec, generate_set
-    from style_aligned.pipeline.set_files import sidecar
 
-    spec = SetSpec(
+def generate_spec(args: argparse.Namespace) -> "SetSpec":
+    """The set that `generate` makes from its options (checked once the model is known: `SetSpec.resolved`)."""
+    from style_aligned.pipeline.generate import SetSpec
+
+    return SetSpec(
         **set_fields(args),
         reference_prompt=args.reference_prompt,
         style=StyleAlignedOptions().replace(**style_options(args)),
     )
+
+
+def grid_title(spec: "SetSpec") -> str:
+    """The title of a generated set's grid."""
+    return f"style-aligned set, seed {spec.seed}"
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    from style_aligned.pipeline.generate import generate_set
+    from style_aligned.pipeline.set_files import sidecar
+
+    spec = generate_spec(args)
     sd = load_model(args)
     spec = spec.resolved(sd)
     write_set(
         args.out,
         lambda bar: generate_set(sd, spec, progress=bar),
         sidecar("generate", spec, spec.image_prompts(), model=str(args.model)),
-        title=f"style-aligned set, seed {spec.seed}",
+        title=grid_title(spec),
     )
 
 

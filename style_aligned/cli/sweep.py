@@ -3,6 +3,7 @@
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from style_aligned.cli.options import (
     ProgressBar,
@@ -16,6 +17,9 @@ from style_aligned.cli.options import (
 )
 from style_aligned.evaluation.sweep import OPTIONS, parse_grid, run_sweep
 from style_aligned.options import StyleAlignedOptions
+
+if TYPE_CHECKING:
+    from style_aligned.pipeline.generate import SetSpec
 
 
 def add_sweep_command(parser: argparse.ArgumentParser) -> None:
@@ -46,22 +50,32 @@ def add_sweep_command(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(command=run_sweep_command)
 
 
-def run_sweep_command(args: argparse.Namespace) -> None:
-    """Run the `sweep` command: check the grid and the scorers' folders, load the model, sweep, print the table."""
+def sweep_inputs(args: argparse.Namespace) -> tuple["SetSpec", list[dict[str, Any]]]:
+    """The set and the settings of the grid that `sweep` makes from its options.
+
+    Raises:
+        ValueError: If the grid is malformed or varies an option also given as a fixed one.
+    """
     from style_aligned.pipeline.generate import SetSpec
 
     settings = parse_grid(args.grid)
     fixed = style_options(args)
     if both := [name for name in settings[0] if name in fixed]:
         raise ValueError(f"{', '.join(both)} given both as a fixed option and in --grid: give each in one place")
+    spec = SetSpec(
+        **set_fields(args), reference_prompt=args.reference_prompt, style=StyleAlignedOptions().replace(**fixed)
+    )
+    return spec, settings
+
+
+def run_sweep_command(args: argparse.Namespace) -> None:
+    """Run the `sweep` command: check the grid and the scorers' folders, load the model, sweep, print the table."""
+    spec, settings = sweep_inputs(args)
     if (args.clip is None) != (args.dino is None):
         raise ValueError("scoring a sweep needs both --clip and --dino (or neither)")
     for folder in (args.clip, args.dino):
         if folder is not None and not folder.is_dir():
             raise FileNotFoundError(f"the scorer folder {folder} does not exist")
-    spec = SetSpec(
-        **set_fields(args), reference_prompt=args.reference_prompt, style=StyleAlignedOptions().replace(**fixed)
-    )
     sd = load_model(args)
     bar = ProgressBar(f"{len(settings)} settings x {len(spec.image_prompts())} images")
     try:

@@ -3,6 +3,7 @@
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from style_aligned.cli.options import (
     add_extras_options,
@@ -16,20 +17,20 @@ from style_aligned.cli.options import (
 )
 from style_aligned.options import StyleAlignedOptions
 
-
-def run_transfer(args: argparse.Namespace) -> None:
-    from PIL import Image, UnidentifiedImageError
+if TYPE_CHECKING:
+    from PIL import Image
 
     from style_aligned.pipeline.inversion import ReferenceTrajectory
-    from style_aligned.pipeline.set_files import sidecar
-    from style_aligned.pipeline.transfer import TransferSpec, make_trajectory, transfer_set
+    from style_aligned.pipeline.transfer import TransferSpec
 
-    if args.trajectory is None and (args.image is None or args.caption is None):
-        raise ValueError("give the reference as --image and --caption, or reuse an inversion with --trajectory")
-    trajectory = ReferenceTrajectory.load(args.trajectory) if args.trajectory else None
+
+def transfer_spec(args: argparse.Namespace, trajectory: "ReferenceTrajectory | None" = None) -> "TransferSpec":
+    """The set that `transfer` makes from its options; size and steps default to those of a reused inversion."""
+    from style_aligned.pipeline.transfer import TransferSpec
+
     width, height = args.size or ((trajectory.width, trajectory.height) if trajectory else (None, None))
     steps = args.steps or (len(trajectory.timesteps) if trajectory else 50)
-    spec = TransferSpec(
+    return TransferSpec(
         prompts=args.prompts,
         negative_prompt=args.negative_prompt,
         seed=args.seed,
@@ -44,32 +45,65 @@ def run_transfer(args: argparse.Namespace) -> None:
         fit=args.fit,
         **extras(args),
     )
+
+
+def transfer_details(args: argparse.Namespace, trajectory: "ReferenceTrajectory") -> dict[str, Any]:
+    """What a transfer set's sidecar adds to its settings: the model, the image, its caption and its inversion."""
+    return {
+        "model": str(args.model),
+        "image": str(args.image) if args.image else None,
+        "caption": trajectory.caption,
+        "trajectory": str(args.trajectory or args.save_trajectory or "") or None,
+    }
+
+
+def grid_title(spec: "TransferSpec") -> str:
+    """The title of a transfer set's grid."""
+    return f"style transfer, seed {spec.seed}"
+
+
+def read_image(path: Path) -> "Image.Image":
+    """Read a reference image.
+
+    Raises:
+        ValueError: If Pillow cannot read it.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
+        raise ValueError(f"cannot read the reference image {path}: {error}") from None
+    return image
+
+
+def run_transfer(args: argparse.Namespace) -> None:
+    from style_aligned.pipeline.inversion import ReferenceTrajectory
+    from style_aligned.pipeline.set_files import sidecar
+    from style_aligned.pipeline.transfer import make_trajectory, transfer_set
+
+    if args.trajectory is None and (args.image is None or args.caption is None):
+        raise ValueError("give the reference as --image and --caption, or reuse an inversion with --trajectory")
+    trajectory = ReferenceTrajectory.load(args.trajectory) if args.trajectory else None
+    spec = transfer_spec(args, trajectory)
+    image = read_image(args.image) if trajectory is None else None  # checked before the model is loaded
     sd = load_model(args)
     spec = spec.resolved(sd)
     if trajectory is None:
-        try:
-            image = Image.open(args.image)
-            image.load()
-        except (OSError, UnidentifiedImageError) as error:
-            raise ValueError(f"cannot read the reference image {args.image}: {error}") from None
+        assert image is not None
         print(f"inverting {args.image} ({spec.steps} DDIM steps)", file=sys.stderr)
         trajectory = make_trajectory(sd, image, args.caption, spec)
         if args.save_trajectory:
             trajectory.save(args.save_trajectory)
             print(f"saved the inversion to {args.save_trajectory}", file=sys.stderr)
     prompts = [trajectory.caption, *spec.prompts]
-    details = {
-        "model": str(args.model),
-        "image": str(args.image) if args.image else None,
-        "caption": trajectory.caption,
-        "trajectory": str(args.trajectory or args.save_trajectory or "") or None,
-    }
     reference = trajectory
     write_set(
         args.out,
         lambda bar: transfer_set(sd, reference, spec, progress=bar),
-        sidecar("transfer", spec, prompts, **details),
-        title=f"style transfer, seed {spec.seed}",
+        sidecar("transfer", spec, prompts, **transfer_details(args, trajectory)),
+        title=grid_title(spec),
     )
 
 

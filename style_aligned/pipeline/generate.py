@@ -313,7 +313,60 @@ def denoise_with_extras(
         sd.solver = previous_solver
 
 
-def generate_set(sd: StableDiffusion, spec: SetSpec, progress: Progress | None = None) -> GeneratedSet:
+Preview = Callable[[Tensor], None]
+"""Called with the reference's latent `(1, 4, height / 8, width / 8)` after each of its denoising steps."""
+
+
+def with_preview(
+    after_reference_step: Callable[[int, Tensor], Tensor] | None, preview: Preview | None
+) -> Callable[[int, Tensor], Tensor] | None:
+    """An `after_reference_step` for `denoise_set` that also shows each new reference latent to `preview`."""
+    if preview is None:
+        return after_reference_step
+
+    def step(timestep: int, latent: Tensor) -> Tensor:
+        latent = after_reference_step(timestep, latent) if after_reference_step else latent
+        preview(latent)
+        return latent
+
+    return step
+
+
+def set_part(
+    spec: SetSpec, prompts: list[str], latents: Tensor, images: Sequence[int] | None
+) -> tuple[SetSpec, list[str], Tensor]:
+    """The spec (its control images), prompts and initial latents of some images of a resolved set.
+
+    Args:
+        spec: The resolved set.
+        prompts: The prompt of every image, the reference first.
+        latents: The initial latents of every image.
+        images: The images to keep: the reference (0) first, then targets in increasing order; `None` keeps all.
+
+    Raises:
+        ValueError: If `images` does not start with the reference or names an image the set does not have.
+    """
+    if images is None:
+        return spec, prompts, latents
+    chosen = list(images)
+    if not chosen or chosen[0] != 0 or chosen != sorted(set(chosen)) or chosen[-1] >= len(prompts):
+        raise ValueError(f"a part of a set of {len(prompts)} images is 0 then targets in order, got {chosen}")
+    targets = [index - 1 for index in chosen[1:]]
+    controls = [
+        replace(control, images=[control.images[index] for index in targets]) if len(control.images) > 1 else control
+        for control in spec.controls
+    ]
+    return replace(spec, controls=controls), [prompts[index] for index in chosen], latents[chosen]
+
+
+def generate_set(
+    sd: StableDiffusion,
+    spec: SetSpec,
+    progress: Progress | None = None,
+    *,
+    images: Sequence[int] | None = None,
+    preview: Preview | None = None,
+) -> GeneratedSet:
     """Generate a style-consistent set of images.
 
     The first image (`spec.reference_prompt`, or the first prompt) is the reference; the others share its style.
@@ -323,9 +376,13 @@ def generate_set(sd: StableDiffusion, spec: SetSpec, progress: Progress | None =
         sd: A `StableDiffusion_XL` or `StableDiffusion_1` (see `style_aligned.weights.loading.load_pipeline`).
         spec: What to generate.
         progress: Called with (units done, units in all) as the work proceeds.
+        images: Generate only these images of the set: the reference (0), then targets in increasing order. Each
+            equals its image in the whole set when the targets run in the same chunks (a set can thus be made, and
+            kept, chunk by chunk, at the cost of denoising the reference again for each chunk).
+        preview: Called with the reference's latent after each of its steps.
 
     Returns:
-        The images, the reference first.
+        The images (those of `images`), the reference first.
 
     Raises:
         ValueError: If a setting is out of range.
@@ -333,10 +390,18 @@ def generate_set(sd: StableDiffusion, spec: SetSpec, progress: Progress | None =
     """
     spec = spec.resolved(sd)
     assert spec.width is not None and spec.height is not None and spec.guidance is not None
-    prompts = spec.image_prompts()
+    latents = initial_noise(spec, len(spec.image_prompts()), sd.device, sd.dtype)
+    part, prompts, latents = set_part(spec, spec.image_prompts(), latents, images)
     conditioning = SetConditioning(sd, prompts, spec.negative_prompt, spec.width, spec.height)
-    latents = initial_noise(spec, len(prompts), sd.device, sd.dtype)
-    latents = denoise_with_extras(sd, spec, latents, conditioning, solver=ddim(sd, spec.steps), progress=progress)
+    latents = denoise_with_extras(
+        sd,
+        part,
+        latents,
+        conditioning,
+        solver=ddim(sd, spec.steps),
+        progress=progress,
+        after_reference_step=with_preview(None, preview),
+    )
     total = progress_total(spec.steps, len(prompts), spec.chunk_size)
     return GeneratedSet(images=decode(sd, latents, progress=progress, total=total), prompts=prompts, spec=spec)
 

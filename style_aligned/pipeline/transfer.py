@@ -1,5 +1,6 @@
 """Style transfer from a real image: the reference row follows the image's DDIM inversion trajectory."""
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from PIL import Image
@@ -8,6 +9,7 @@ from torch import Tensor
 from style_aligned.options import StyleAlignedOptions
 from style_aligned.pipeline.generate import (
     GeneratedSet,
+    Preview,
     Progress,
     SetConditioning,
     SetSpec,
@@ -17,6 +19,8 @@ from style_aligned.pipeline.generate import (
     denoise_with_extras,
     initial_noise,
     progress_total,
+    set_part,
+    with_preview,
 )
 from style_aligned.pipeline.images import Fit
 from style_aligned.pipeline.inversion import ReferenceTrajectory, encode_image, invert
@@ -51,12 +55,22 @@ class TransferSpec(SetSpec):
         return resolved
 
 
-def make_trajectory(sd: StableDiffusion, image: Image.Image, caption: str, spec: TransferSpec) -> ReferenceTrajectory:
-    """Encode and invert a reference image for the sets of `spec` (its size, steps and fit)."""
+def make_trajectory(
+    sd: StableDiffusion,
+    image: Image.Image,
+    caption: str,
+    spec: TransferSpec,
+    progress: Callable[[int, int], None] | None = None,
+) -> ReferenceTrajectory:
+    """Encode and invert a reference image for the sets of `spec` (its size, steps and fit).
+
+    `progress` is called with (steps done, steps) after each inversion step.
+    """
     spec = spec.resolved(sd)
     assert spec.width is not None and spec.height is not None
     latents = encode_image(sd, image, spec.width, spec.height, spec.fit)
-    return invert(sd, latents, caption, ddim(sd, spec.steps), spec.inversion_guidance, spec.width, spec.height)
+    solver = ddim(sd, spec.steps)
+    return invert(sd, latents, caption, solver, spec.inversion_guidance, spec.width, spec.height, progress=progress)
 
 
 def transfer_latents(
@@ -64,19 +78,22 @@ def transfer_latents(
     trajectory: ReferenceTrajectory,
     spec: TransferSpec,
     progress: Progress | None = None,
+    *,
+    images: Sequence[int] | None = None,
+    preview: Preview | None = None,
 ) -> tuple[Tensor, TransferSpec]:
     """Denoise a set in the style of an inverted reference image; see `transfer_set`.
 
     Returns:
-        The final latents (the reference first) and the resolved spec.
+        The final latents (the reference first; those of `images` only, if given) and the resolved spec.
     """
     spec = replace(spec.resolved(sd), reference_prompt=trajectory.caption)
     assert spec.width is not None and spec.height is not None and spec.guidance is not None
     solver = ddim(sd, spec.steps)
     trajectory.check_fits(sd, solver, spec.width, spec.height)
-    prompts = spec.image_prompts()
+    latents = initial_noise(spec, len(spec.image_prompts()), sd.device, sd.dtype)
+    part, prompts, latents = set_part(spec, spec.image_prompts(), latents, images)
     conditioning = SetConditioning(sd, prompts, spec.negative_prompt, spec.width, spec.height)
-    latents = initial_noise(spec, len(prompts), sd.device, sd.dtype)
     reference = trajectory.latents.to(device=sd.device, dtype=sd.dtype)
     latents[0] = reference[spec.offset]
     first_step = solver.first_inference_step
@@ -85,7 +102,13 @@ def transfer_latents(
         return reference[max(spec.offset + 1, step - first_step + 1)][None]
 
     latents = denoise_with_extras(
-        sd, spec, latents, conditioning, solver=solver, progress=progress, after_reference_step=follow_trajectory
+        sd,
+        part,
+        latents,
+        conditioning,
+        solver=solver,
+        progress=progress,
+        after_reference_step=with_preview(follow_trajectory, preview),
     )
     return latents, spec
 
@@ -95,6 +118,9 @@ def transfer_set(
     trajectory: ReferenceTrajectory,
     spec: TransferSpec,
     progress: Progress | None = None,
+    *,
+    images: Sequence[int] | None = None,
+    preview: Preview | None = None,
 ) -> GeneratedSet:
     """Generate a set in the style of an inverted reference image.
 
@@ -107,6 +133,8 @@ def transfer_set(
         trajectory: The reference's inversion (see `make_trajectory`), for this model, schedule and size.
         spec: The targets and settings; its `reference_prompt` is ignored (the trajectory's caption is used).
         progress: Called as the work proceeds.
+        images: Generate only these images of the set (see `generate_set`).
+        preview: Called with the reference's latent after each of its steps.
 
     Returns:
         The images, the reference (the reconstructed input image) first.
@@ -114,7 +142,7 @@ def transfer_set(
     Raises:
         ValueError: If a setting is out of range or the trajectory does not fit the model, schedule or size.
     """
-    latents, spec = transfer_latents(sd, trajectory, spec, progress)
-    prompts = spec.image_prompts()
+    latents, spec = transfer_latents(sd, trajectory, spec, progress, images=images, preview=preview)
+    prompts = spec.image_prompts() if images is None else [spec.image_prompts()[index] for index in images]
     total = progress_total(spec.steps, len(prompts), spec.chunk_size)
     return GeneratedSet(images=decode(sd, latents, progress=progress, total=total), prompts=prompts, spec=spec)
