@@ -32,7 +32,7 @@ from style_aligned.app.forms import (
     prompt_lines,
 )
 from style_aligned.app.making import Inversions, make_generate_set, make_sweep, make_transfer_set
-from style_aligned.app.studio import Job, JobView, Studio
+from style_aligned.app.studio import NUMBERS, Job, JobView, Studio
 
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
 """The page's fonts: the system's, so that the page fetches nothing from elsewhere."""
@@ -84,20 +84,21 @@ def widget(option: Control, elem_prefix: str = "") -> Any:
     return gr.Textbox(value=text, placeholder="default" if not text else None, **common)
 
 
-def progress_html(view: JobView) -> str:
-    """The progress bar and state of a job."""
+def progress_html(view: JobView, number: int = 0) -> str:
+    """The progress bar and state of job `number`."""
     fraction = f'value="{view.done}" max="{view.total}"' if view.total else ""
     state = "error" if view.error else "cancelled" if view.cancelled else "done" if view.finished else "running"
     notes = "".join(f"<div class='sa-note'>{html.escape(note)}</div>" for note in view.notes)
     return (
-        f"<div class='sa-progress' data-state='{state}'><progress {fraction}></progress>"
+        f"<div class='sa-progress' data-state='{state}' data-job='{number}'><progress {fraction}></progress>"
         f" <span class='sa-progress-text'>{html.escape(view.text)}</span>{notes}</div>"
     )
 
 
 def message_html(text: str) -> str:
-    text = html.escape(text)
-    return f"<div class='sa-progress' data-state='error'><span class='sa-progress-text'>{text}</span></div>"
+    """A message about the input, in place of a job's progress."""
+    state = f"data-state='error' data-job='{next(NUMBERS)}'"
+    return f"<div class='sa-progress' {state}><span class='sa-progress-text'>{html.escape(text)}</span></div>"
 
 
 def build_page(studio: Studio, settings: PageSettings) -> gr.Blocks:
@@ -215,7 +216,7 @@ def build_page(studio: Studio, settings: PageSettings) -> gr.Blocks:
                     shown = view.version
                     if view.finished and view.error:
                         gr.Warning(view.error)
-                    yield tuple(_changed(sent, view, data[memory]))
+                    yield tuple(_changed(sent, view, job.number, data[memory]))
                     if view.finished:
                         break
             finally:
@@ -255,7 +256,8 @@ def build_page(studio: Studio, settings: PageSettings) -> gr.Blocks:
         job_options: dict[str, Any] = {"concurrency_id": "jobs", "concurrency_limit": 1}
         make.click(make_set, inputs, set_outputs, **job_options)
         cancel.click(cancel_job, None, None, queue=False)
-        sweep.click(make_sweep_set, inputs, [sweep_progress, contact_sheet, sweep_download], **job_options)
+        sweep_outputs = [sweep_progress, contact_sheet, sweep_download]
+        sweep.click(make_sweep_set, inputs | {sweep_grid}, sweep_outputs, **job_options)
         sweep_cancel.click(cancel_job, None, None, queue=False)
         reference.change(show_reference, reference, [reference_prompt_group, upload_group], queue=False)
         upload.change(check_upload, upload, upload_preview, concurrency_limit=None)
@@ -268,10 +270,10 @@ def _skip() -> Any:
     return gr.skip()  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
 
 
-def _changed(sent: dict[str, Any], view: JobView, memory: Any) -> list[Any]:
+def _changed(sent: dict[str, Any], view: JobView, number: int, memory: Any) -> list[Any]:
     """The outputs of a set job that changed since they were last sent (`_skip()` for the others)."""
     values = {
-        "progress": progress_html(view),
+        "progress": progress_html(view, number),
         "preview": view.preview,
         "gallery": [(str(path), caption) for path, caption in view.images],
         "grid": str(view.grid) if view.grid else None,

@@ -4,6 +4,7 @@ A job runs in its own thread and publishes what the page shows (progress, previe
 `JobView`; the page polls it. Cancelling takes effect at the next U-Net call or decoded image.
 """
 
+import itertools
 import threading
 import time
 import traceback
@@ -16,6 +17,8 @@ from PIL import Image
 
 from style_aligned.weights.safetensors_io import WeightsError
 
+NUMBERS = itertools.count(1)
+"""The numbers of the jobs (and of the page's messages), in order."""
 USER_ERRORS = (ValueError, WeightsError, FileNotFoundError)
 """The errors that a job reports as a message about the user's input, as the command line does."""
 
@@ -65,6 +68,7 @@ class Job:
     def __init__(self, owner: str) -> None:
         """Make a job for the page session `owner` (only that session can cancel it)."""
         self.owner = owner
+        self.number = next(NUMBERS)
         self._view = JobView()
         self._changed = threading.Condition()
         self._cancel = threading.Event()

@@ -145,18 +145,31 @@ def choose(page: Any, name: str, choice: str) -> None:
     page.locator(f"#{name}").get_by_label(choice, exact=True).check()
 
 
-def progress_state(page: Any, element: str = "progress") -> str:
-    return page.locator(f"#{element} .sa-progress").first.get_attribute("data-state") or ""
+def run_job(page: Any, button: str = "make", element: str = "progress", timeout: float = 300.0) -> str:
+    """Click a button that starts a job and wait until that job ends; its state (`done`, `error` or `cancelled`)."""
+    started = start_job(page, button, element)
+    return wait_until_ended(page, started, element, timeout)
 
 
-def wait_until_ended(page: Any, element: str = "progress", timeout: float = 300.0) -> str:
-    """Wait until the job on the page ends; its state (`done`, `error` or `cancelled`)."""
-    page.wait_for_selector(
-        f"#{element} .sa-progress[data-state=done], #{element} .sa-progress[data-state=error],"
-        f" #{element} .sa-progress[data-state=cancelled]",
+def start_job(page: Any, button: str = "make", element: str = "progress") -> str:
+    """Click a button that starts a job; the number of the job shown before, to wait for the new one's end."""
+    before = page.locator(f"#{element} .sa-progress").first.get_attribute("data-job") or ""
+    page.locator(f"#{button}").click()
+    return before
+
+
+def wait_until_ended(page: Any, before: str, element: str = "progress", timeout: float = 300.0) -> str:
+    """Wait until a job other than job `before` has ended on the page; its state."""
+    page.wait_for_function(
+        """([element, before]) => {
+            const shown = document.querySelector(`#${element} .sa-progress`);
+            const ended = shown && ["done", "error", "cancelled"].includes(shown.dataset.state);
+            return ended && shown.dataset.job !== before;
+        }""",
+        arg=[element, before],
         timeout=timeout * 1000,
     )
-    return progress_state(page, element)
+    return page.locator(f"#{element} .sa-progress").first.get_attribute("data-state") or ""
 
 
 def progress_text(page: Any, element: str = "progress") -> str:

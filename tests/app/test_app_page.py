@@ -24,9 +24,11 @@ from tests.app.browser import (
     get,
     open_section,
     progress_text,
+    run_job,
     running_app,
     set_folders,
     sidecar,
+    start_job,
     wait_until_ended,
 )
 
@@ -78,8 +80,7 @@ def test_a_set_from_the_page_is_the_set_generate_makes(app: RunningApp, page: An
     open_section(page, "StyleAligned options")
     fill(page, shared_score_shift=0.5)
     choose(page, "adain_values", "on")
-    page.locator("#make").click()
-    assert wait_until_ended(page) == "done", progress_text(page)
+    assert run_job(page) == "done", progress_text(page)
     assert page.locator("#gallery img").count() >= len(PROMPTS)
     assert page.locator("#grid img").count() == 1
     folder = new_folder(app.out, before)
@@ -118,8 +119,7 @@ def test_an_uploaded_image_gives_a_transfer_set_and_its_inversion_is_kept(
     page.wait_for_selector("#upload-preview img", timeout=30_000)
     fill(page, prompts=PROMPTS[1:], caption="a colour gradient", size="64x64", steps=2, offset=1)
     before = set_folders(app.out) if app.out.exists() else []
-    page.locator("#make").click()
-    assert wait_until_ended(page) == "done", progress_text(page)
+    assert run_job(page) == "done", progress_text(page)
     first = new_folder(app.out, before)
     details = sidecar(first)
     assert details["command"] == "transfer" and details["image_prompts"] == ["a colour gradient", *PROMPTS[1:]]
@@ -137,8 +137,7 @@ def test_an_uploaded_image_gives_a_transfer_set_and_its_inversion_is_kept(
 
     before = set_folders(app.out)
     fill(page, prompts=[PROMPTS[0]])
-    page.locator("#make").click()
-    assert wait_until_ended(page) == "done", progress_text(page)
+    assert run_job(page) == "done", progress_text(page)
     assert "inversion of this image was reused" in progress_text(page)
     second = new_folder(app.out, before)
     assert sidecar(second)["trajectory"] == str(first / "trajectory.safetensors")
@@ -149,10 +148,10 @@ def test_an_uploaded_image_gives_a_transfer_set_and_its_inversion_is_kept(
 def test_cancel_keeps_the_finished_images_and_the_app_goes_on(app: RunningApp, page: Any) -> None:
     fill(page, prompts=PROMPTS, size="64x64", steps=3, chunk_size=1)
     before = set_folders(app.out) if app.out.exists() else []
-    page.locator("#make").click()
+    before_job = start_job(page)
     page.wait_for_function("document.querySelectorAll('#gallery img').length >= 2", timeout=300_000)
     page.locator("#cancel").click()
-    assert wait_until_ended(page) == "cancelled", progress_text(page)
+    assert wait_until_ended(page, before_job) == "cancelled", progress_text(page)
     assert "kept 2 of 3 finished images" in progress_text(page)
     folder = new_folder(app.out, before)
     details = sidecar(folder)
@@ -160,23 +159,19 @@ def test_cancel_keeps_the_finished_images_and_the_app_goes_on(app: RunningApp, p
     assert sorted(path.name for path in folder.glob("*.png")) == sorted([*details["images"][:2], "grid.png"])
 
     fill(page, prompts=PROMPTS[:1], steps=1, chunk_size="")
-    page.locator("#make").click()
-    assert wait_until_ended(page) == "done", progress_text(page)
+    assert run_job(page) == "done", progress_text(page)
     assert len(sidecar(new_folder(app.out, [*before, folder]))["images"]) == 1
 
 
 def test_bad_input_shows_its_message_and_the_server_goes_on(app: RunningApp, page: Any, tmp_path: Path) -> None:
-    page.locator("#make").click()
-    assert wait_until_ended(page) == "error" and "no prompt" in progress_text(page)
+    assert run_job(page) == "error" and "no prompt" in progress_text(page)
 
     fill(page, prompts=PROMPTS[:1], size="60x60", steps=1)
-    page.locator("#make").click()
-    assert wait_until_ended(page) == "error"
+    assert run_job(page) == "error"
     assert "multiples of 8 pixels, got 60x60" in progress_text(page)
 
     fill(page, size="64x64", guidance="strong")
-    page.locator("#make").click()
-    assert wait_until_ended(page) == "error" and "guidance: could not convert" in progress_text(page)
+    assert run_job(page) == "error" and "guidance: could not convert" in progress_text(page)
 
     fake = tmp_path / "fake.png"
     fake.write_text("not an image at all")
@@ -184,6 +179,17 @@ def test_bad_input_shows_its_message_and_the_server_goes_on(app: RunningApp, pag
     page.locator("#upload input[type=file]").set_input_files(str(fake))
     page.wait_for_selector("text=the uploaded file is not an image", timeout=30_000)
     fill(page, guidance="", caption="text")
-    page.locator("#make").click()
-    assert wait_until_ended(page) == "error" and "the uploaded file is not an image" in progress_text(page)
+    assert run_job(page) == "error" and "the uploaded file is not an image" in progress_text(page)
     assert get(app.url) == 200 and app.process.poll() is None
+
+
+def test_the_sweep_tab_shows_the_contact_sheet(app: RunningApp, page: Any) -> None:
+    fill(page, prompts=PROMPTS[:2], size="64x64", steps=1)
+    page.get_by_role("tab", name="Sweep").click()
+    fill(page, **{"sweep-grid": "shared_score_shift=0,0.5"})
+    before = set_folders(app.out) if app.out.exists() else []
+    assert run_job(page, "sweep", "sweep-progress") == "done", progress_text(page, "sweep-progress")
+    assert page.locator("#contact-sheet img").count() == 1
+    folder = new_folder(app.out, before)
+    assert (folder / "contact-sheet.png").is_file()
+    assert [sidecar(path)["style"]["shared_score_shift"] for path in set_folders(folder)] == [0.0, 0.5]
