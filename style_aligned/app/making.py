@@ -123,7 +123,7 @@ def write_parts(
         job.update(text=f"kept {len(kept)} of {len(prompts)} finished images in {folder}")
         raise
     write_set_images(folder, [images[index] for index in range(len(prompts))], prompts, title=title)
-    job.update(grid=folder / GRID, done=total, total=total, preview=None)
+    job.update(grid=folder / GRID, done=total, total=total)
 
 
 def finish(job: Job, out: Path, folder: Path, text: str) -> None:

@@ -25,7 +25,7 @@ def run_app(args: argparse.Namespace) -> None:
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     settings = PageSettings(
-        out=args.out,
+        out=args.out.resolve(),
         model=str(args.model),
         lora_dir=args.lora_dir,
         max_upload_bytes=int(args.max_upload_mb * 1e6),

@@ -153,6 +153,7 @@ def test_cancel_keeps_the_finished_images_and_the_app_goes_on(app: RunningApp, p
     page.locator("#cancel").click()
     assert wait_until_ended(page, before_job) == "cancelled", progress_text(page)
     assert "kept 2 of 3 finished images" in progress_text(page)
+    assert page.locator("#preview img").count() == 1  # the reference, previewed while it denoised
     folder = new_folder(app.out, before)
     details = sidecar(folder)
     assert details["cancelled"] == {"images_written": details["images"][:2]}
