@@ -343,6 +343,9 @@ def set_part(
         latents: The initial latents of every image.
         images: The images to keep: the reference (0) first, then targets in increasing order; `None` keeps all.
 
+    Returns:
+        The spec with the control images of the part only, the part's prompts and its initial latents.
+
     Raises:
         ValueError: If `images` does not start with the reference or names an image the set does not have.
     """
