@@ -3,6 +3,7 @@
 import argparse
 from collections.abc import Callable, Sequence
 
+from style_aligned.cli.app import add_app_command
 from style_aligned.cli.batch import add_batch_command
 from style_aligned.cli.convert import add_convert_command
 from style_aligned.cli.evaluate import add_evaluate_command
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_sweep_command(subparsers.add_parser("sweep", help="generate a set per setting of a grid of options, and plot"))
     add_batch_command(subparsers.add_parser("batch", help="make the sets of a manifest, locally or on a Ray cluster"))
+    add_app_command(subparsers.add_parser("app", help="a local web page to make sets, transfers and sweeps"))
     return parser
 
 

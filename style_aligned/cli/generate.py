@@ -1,6 +1,7 @@
 """`style-aligned generate`: a style-consistent set from prompts."""
 
 import argparse
+from typing import TYPE_CHECKING
 
 from style_aligned.cli.options import (
     add_extras_options,
@@ -16,17 +17,32 @@ from style_aligned.cli.options import (
 )
 from style_aligned.options import StyleAlignedOptions
 
+if TYPE_CHECKING:
+    from style_aligned.pipeline.generate import SetSpec
 
-def run_generate(args: argparse.Namespace) -> None:
-    from style_aligned.pipeline.generate import SetSpec, generate_set
-    from style_aligned.pipeline.set_files import set_title, sidecar
+
+def generate_spec(args: argparse.Namespace) -> "SetSpec":
+    """The set that `generate` makes from its options, with everything checked that can be without the model.
+
+    Raises:
+        ValueError: If an option is out of range.
+    """
+    from style_aligned.pipeline.generate import SetSpec
 
     spec = SetSpec(
         **set_fields(args),
         reference_prompt=args.reference_prompt,
         style=StyleAlignedOptions.from_dict(style_options(args)),
     )
-    spec.check()  # everything that can be checked before the model is read
+    spec.check()
+    return spec
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    from style_aligned.pipeline.generate import generate_set
+    from style_aligned.pipeline.set_files import set_title, sidecar
+
+    spec = generate_spec(args)  # everything that can be checked before the model is read
     check_out(args.out, args.overwrite)
     check_files(args)
     sd = load_model(args)

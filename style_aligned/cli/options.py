@@ -68,7 +68,7 @@ def add_set_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("set")
     group.add_argument("--prompt", dest="prompts", action="append", required=True, help="one per image (repeat)")
     group.add_argument("--negative-prompt", default="", help="negative prompt of every image")
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--seed", type=int, default=0, help="seed of the initial noise (image i gets its i-th draw)")
     group.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
     group.add_argument(
         "--guidance",

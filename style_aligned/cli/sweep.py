@@ -4,6 +4,7 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from style_aligned.cli.options import (
     ProgressBar,
@@ -21,6 +22,9 @@ from style_aligned.evaluation.scoring import CLIP_EXAMPLE, DINO_EXAMPLE
 from style_aligned.evaluation.sweep import OPTIONS, parse_grid, run_sweep
 from style_aligned.options import StyleAlignedOptions
 from style_aligned.weights.hub import parse_repo_id
+
+if TYPE_CHECKING:
+    from style_aligned.pipeline.generate import SetSpec
 
 
 def add_sweep_command(parser: argparse.ArgumentParser) -> None:
@@ -54,23 +58,33 @@ def add_sweep_command(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(command=run_sweep_command)
 
 
-def run_sweep_command(args: argparse.Namespace) -> None:
-    """Run the `sweep` command: check the grid and the scorers' folders, load the model, sweep, print the table."""
+def sweep_inputs(args: argparse.Namespace) -> tuple["SetSpec", list[dict[str, Any]]]:
+    """The set and the settings of the grid that `sweep` makes from its options.
+
+    Raises:
+        ValueError: If the grid is malformed or varies an option also given as a fixed one.
+    """
     from style_aligned.pipeline.generate import SetSpec
 
     settings = parse_grid(args.grid)
     fixed = style_options(args)
     if both := [name for name in settings[0] if name in fixed]:
         raise ValueError(f"{', '.join(both)} given both as a fixed option and in --grid: give each in one place")
+    spec = SetSpec(
+        **set_fields(args), reference_prompt=args.reference_prompt, style=StyleAlignedOptions.from_dict(fixed)
+    )
+    spec.check()
+    return spec, settings
+
+
+def run_sweep_command(args: argparse.Namespace) -> None:
+    """Run the `sweep` command: check the grid and the scorers, load the model, sweep, print the table."""
+    spec, settings = sweep_inputs(args)  # everything that can be checked before the model is read
     if args.score or args.clip or args.dino:
         args.clip, args.dino = args.clip or CLIP_EXAMPLE, args.dino or DINO_EXAMPLE
     for name in (args.clip, args.dino):
         if name is not None and not Path(name).is_dir() and parse_repo_id(name) is None:
             raise FileNotFoundError(f"the scorer {name} is neither a folder nor a Hub repo id (org/name)")
-    spec = SetSpec(
-        **set_fields(args), reference_prompt=args.reference_prompt, style=StyleAlignedOptions.from_dict(fixed)
-    )
-    spec.check()  # everything that can be checked before the model is read
     check_out(args.out, args.overwrite)
     check_files(args)
     sd = load_model(args)

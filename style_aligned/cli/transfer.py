@@ -3,6 +3,7 @@
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from style_aligned.cli.options import (
     add_extras_options,
@@ -18,18 +19,24 @@ from style_aligned.cli.options import (
 )
 from style_aligned.options import StyleAlignedOptions
 
-
-def run_transfer(args: argparse.Namespace) -> None:
-    from PIL import Image, UnidentifiedImageError
+if TYPE_CHECKING:
+    from PIL import Image
 
     from style_aligned.pipeline.inversion import ReferenceTrajectory
-    from style_aligned.pipeline.set_files import set_title, sidecar
-    from style_aligned.pipeline.transfer import TransferSpec, check_transfer_solver, make_trajectory, transfer_set
+    from style_aligned.pipeline.transfer import TransferSpec
+
+
+def transfer_spec(args: argparse.Namespace, trajectory: "ReferenceTrajectory | None" = None) -> "TransferSpec":
+    """The set that `transfer` makes from its options; size and steps default to those of a reused inversion.
+
+    Everything that can be checked without the model is checked.
+
+    Raises:
+        ValueError: If an option is out of range, or the solver is not the inversion's.
+    """
+    from style_aligned.pipeline.transfer import TransferSpec, check_transfer_solver
 
     check_transfer_solver(args.solver, args.timestep_spacing)
-    if args.trajectory is None and (args.image is None or args.caption is None):
-        raise ValueError("give the reference as --image and --caption, or reuse an inversion with --trajectory")
-    trajectory = ReferenceTrajectory.load(args.trajectory) if args.trajectory else None
     width, height = args.size or ((trajectory.width, trajectory.height) if trajectory else (None, None))
     steps = args.steps or (len(trajectory.timesteps) if trajectory else 50)
     spec = TransferSpec(
@@ -49,37 +56,66 @@ def run_transfer(args: argparse.Namespace) -> None:
         fit=args.fit,
         **extras(args),
     )
-    spec.check()  # everything that can be checked before the model is read
+    spec.check()
+    return spec
+
+
+def transfer_details(args: argparse.Namespace, trajectory: "ReferenceTrajectory") -> dict[str, Any]:
+    """What a transfer set's sidecar adds to its settings: the model, the image, its caption and its inversion."""
+    return {
+        "model": str(args.model),
+        "image": str(args.image) if args.image else None,
+        "caption": trajectory.caption,
+        "trajectory": str(args.trajectory or args.save_trajectory or "") or None,
+    }
+
+
+def read_image(path: Path) -> "Image.Image":
+    """Read a reference image.
+
+    Raises:
+        ValueError: If Pillow cannot read it.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
+        raise ValueError(f"cannot read the reference image {path}: {error}") from None
+    return image
+
+
+def run_transfer(args: argparse.Namespace) -> None:
+    from style_aligned.pipeline.inversion import ReferenceTrajectory
+    from style_aligned.pipeline.set_files import set_title, sidecar
+    from style_aligned.pipeline.transfer import make_trajectory, transfer_set
+
+    if args.trajectory is None and (args.image is None or args.caption is None):
+        raise ValueError("give the reference as --image and --caption, or reuse an inversion with --trajectory")
+    trajectory = ReferenceTrajectory.load(args.trajectory) if args.trajectory else None
+    spec = transfer_spec(args, trajectory)
     image_path: Path | None = args.image
-    if image_path is not None and not image_path.is_file():
+    if trajectory is None and image_path is not None and not image_path.is_file():
         raise FileNotFoundError(f"the reference image {image_path} does not exist")
+    image = read_image(args.image) if trajectory is None else None  # checked before the model is loaded
     check_out(args.out, args.overwrite)
     check_files(args)
     sd = load_model(args)
     spec = spec.resolved(sd)
     if trajectory is None:
-        try:
-            image = Image.open(args.image)
-            image.load()
-        except (OSError, UnidentifiedImageError) as error:
-            raise ValueError(f"cannot read the reference image {args.image}: {error}") from None
+        assert image is not None
         print(f"inverting {args.image} ({spec.steps} DDIM steps)", file=sys.stderr)
         trajectory = make_trajectory(sd, image, args.caption, spec)
         if args.save_trajectory:
             trajectory.save(args.save_trajectory)
             print(f"saved the inversion to {args.save_trajectory}", file=sys.stderr)
     prompts = [trajectory.caption, *spec.prompts]
-    details = {
-        "model": str(args.model),
-        "image": str(args.image) if args.image else None,
-        "caption": trajectory.caption,
-        "trajectory": str(args.trajectory or args.save_trajectory or "") or None,
-    }
     reference = trajectory
     write_set(
         args.out,
         lambda bar: transfer_set(sd, reference, spec, progress=bar),
-        sidecar("transfer", spec, prompts, **details),
+        sidecar("transfer", spec, prompts, **transfer_details(args, trajectory)),
         title=set_title("transfer", spec.seed),
         overwrite=args.overwrite,
     )

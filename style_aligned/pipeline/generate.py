@@ -272,9 +272,11 @@ def call_groups(num_images: int, chunk_size: int | None, targets: Sequence[int] 
     return [[0, *chunks[0]], *chunks[1:]] if chunks else [[0]]
 
 
-def progress_total(num_images: int, steps: int, chunk_size: int | None, targets: Sequence[int] | None = None) -> int:
-    """The units of work of a set (or of its share of `targets`): one per U-Net call, one per decoded image."""
-    return steps * len(call_groups(num_images, chunk_size, targets)) + num_images
+def progress_total(*, num_images: int, steps: int, chunk_size: int | None, targets: Sequence[int] | None = None) -> int:
+    """The units of work of a set (or of its part: the reference and `targets`): one per U-Net call, one per decoded
+    image."""
+    decoded = num_images if targets is None else 1 + len(targets)
+    return steps * len(call_groups(num_images, chunk_size, targets)) + decoded
 
 
 def predict_noise(
@@ -471,7 +473,47 @@ def initial_latents(spec: SetSpec, count: int, solver: Solver, sd: StableDiffusi
     return solver.scale_model_input(initial_noise(spec, count, sd.device, sd.dtype), step=-1)
 
 
-def generate_set(sd: StableDiffusion, spec: SetSpec, progress: Progress | None = None) -> GeneratedSet:
+Preview = Callable[[Tensor], None]
+"""Called with the reference's latent `(1, 4, height / 8, width / 8)` after each of its denoising steps."""
+
+
+def with_preview(
+    after_reference_step: Callable[[int, Tensor], Tensor] | None, preview: Preview | None
+) -> Callable[[int, Tensor], Tensor] | None:
+    """An `after_reference_step` for `denoise_set` that also shows each new reference latent to `preview`."""
+    if preview is None:
+        return after_reference_step
+
+    def step(timestep: int, latent: Tensor) -> Tensor:
+        latent = after_reference_step(timestep, latent) if after_reference_step else latent
+        preview(latent)
+        return latent
+
+    return step
+
+
+def part_targets(num_images: int, images: Sequence[int] | None) -> list[int] | None:
+    """The targets of a part of a set (see `generate_set`'s `images`), or `None` for the whole set.
+
+    Raises:
+        ValueError: If `images` does not start with the reference or names an image the set does not have.
+    """
+    if images is None:
+        return None
+    chosen = list(images)
+    if not chosen or chosen[0] != 0 or chosen != sorted(set(chosen)) or chosen[-1] >= num_images:
+        raise ValueError(f"a part of a set of {num_images} images is 0 then targets in order, got {chosen}")
+    return chosen[1:]
+
+
+def generate_set(
+    sd: StableDiffusion,
+    spec: SetSpec,
+    progress: Progress | None = None,
+    *,
+    images: Sequence[int] | None = None,
+    preview: Preview | None = None,
+) -> GeneratedSet:
     """Generate a style-consistent set of images.
 
     The first image (`spec.reference_prompt`, or the first prompt) is the reference; the others share its style.
@@ -482,22 +524,47 @@ def generate_set(sd: StableDiffusion, spec: SetSpec, progress: Progress | None =
         sd: A `StableDiffusion_XL` or `StableDiffusion_1` (see `style_aligned.weights.loading.load_pipeline`).
         spec: What to generate.
         progress: Called with (units done, units in all) as the work proceeds.
+        images: Generate only these images of the set: the reference (0), then whole chunks of targets in order.
+            Each equals its image in the whole set (a set can thus be made, and kept, chunk by chunk, at the cost of
+            denoising the reference again for each part).
+        preview: Called with the reference's latent after each of its steps.
 
     Returns:
-        The images, the reference first.
+        The images (those of `images`), the reference first.
 
     Raises:
         ValueError: If a setting is out of range.
         RuntimeError: If the U-Net already carries StyleAligned.
     """
-    latents, spec = generate_latents(sd, spec, progress=progress)
+    resolved = spec.resolved(sd)
+    targets = part_targets(len(resolved.image_prompts()), images)
+    latents, spec = generate_latents(sd, resolved, progress=progress, targets=targets, preview=preview)
+    return decode_set(sd, latents, spec, progress=progress, targets=targets)
+
+
+def decode_set(
+    sd: StableDiffusion,
+    latents: Tensor,
+    spec: SetSpec,
+    *,
+    progress: Progress | None = None,
+    targets: Sequence[int] | None = None,
+) -> GeneratedSet:
+    """Decode the images of a denoised set (the reference and `targets`, default: all), the last units of progress."""
     prompts = spec.image_prompts()
-    total = progress_total(num_images=len(prompts), steps=spec.steps, chunk_size=spec.chunk_size)
-    return GeneratedSet(images=decode(sd, latents, progress=progress, total=total), prompts=prompts, spec=spec)
+    chosen = list(range(len(prompts))) if targets is None else [0, *targets]
+    total = progress_total(num_images=len(prompts), steps=spec.steps, chunk_size=spec.chunk_size, targets=targets)
+    images = decode(sd, latents[chosen], progress=progress, total=total)
+    return GeneratedSet(images=images, prompts=[prompts[index] for index in chosen], spec=spec)
 
 
 def generate_latents(
-    sd: StableDiffusion, spec: SetSpec, *, progress: Progress | None = None, targets: Sequence[int] | None = None
+    sd: StableDiffusion,
+    spec: SetSpec,
+    *,
+    progress: Progress | None = None,
+    targets: Sequence[int] | None = None,
+    preview: Preview | None = None,
 ) -> tuple[Tensor, SetSpec]:
     """Denoise a set; see `generate_set`.
 
@@ -506,6 +573,7 @@ def generate_latents(
         spec: What to generate.
         progress: Called as the work proceeds.
         targets: Only these targets, whole chunks of the set (see `denoise_set`); the others keep their noise.
+        preview: Called with the reference's latent after each of its steps.
 
     Returns:
         The final latents (the reference first) and the resolved spec.
@@ -516,7 +584,17 @@ def generate_latents(
     conditioning = SetConditioning(sd, prompts, spec.negative_prompt, spec.width, spec.height)
     solver = spec.make_solver(sd)
     latents = initial_latents(spec, len(prompts), solver, sd)
-    return denoise_with_extras(sd, spec, latents, conditioning, solver=solver, progress=progress, targets=targets), spec
+    latents = denoise_with_extras(
+        sd,
+        spec,
+        latents,
+        conditioning,
+        solver=solver,
+        progress=progress,
+        targets=targets,
+        after_reference_step=with_preview(None, preview),
+    )
+    return latents, spec
 
 
 def decode(

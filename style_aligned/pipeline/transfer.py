@@ -1,6 +1,6 @@
 """Style transfer from a real image: the reference row follows the image's DDIM inversion trajectory."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from PIL import Image
@@ -9,15 +9,17 @@ from torch import Tensor
 from style_aligned.options import ModelKind, StyleAlignedOptions
 from style_aligned.pipeline.generate import (
     GeneratedSet,
+    Preview,
     Progress,
     SetConditioning,
     SetSpec,
     StableDiffusion,
     ddim,
-    decode,
+    decode_set,
     denoise_with_extras,
     initial_noise,
-    progress_total,
+    part_targets,
+    with_preview,
 )
 from style_aligned.pipeline.images import Fit
 from style_aligned.pipeline.inversion import ReferenceTrajectory, encode_image, invert
@@ -67,12 +69,22 @@ def check_transfer_solver(solver: str, timestep_spacing: str | None) -> None:
         raise ValueError(f"transfer uses DDIM's leading timesteps, as its inversion: got spacing {timestep_spacing}")
 
 
-def make_trajectory(sd: StableDiffusion, image: Image.Image, caption: str, spec: TransferSpec) -> ReferenceTrajectory:
-    """Encode and invert a reference image for the sets of `spec` (its size, steps and fit)."""
+def make_trajectory(
+    sd: StableDiffusion,
+    image: Image.Image,
+    caption: str,
+    spec: TransferSpec,
+    progress: Callable[[int, int], None] | None = None,
+) -> ReferenceTrajectory:
+    """Encode and invert a reference image for the sets of `spec` (its size, steps and fit).
+
+    `progress` is called with (steps done, steps) after each inversion step.
+    """
     spec = spec.resolved(sd)
     assert spec.width is not None and spec.height is not None
     latents = encode_image(sd, image, spec.width, spec.height, spec.fit)
-    return invert(sd, latents, caption, ddim(sd, spec.steps), spec.inversion_guidance, spec.width, spec.height)
+    solver = ddim(sd, spec.steps)
+    return invert(sd, latents, caption, solver, spec.inversion_guidance, spec.width, spec.height, progress=progress)
 
 
 def transfer_latents(
@@ -82,6 +94,7 @@ def transfer_latents(
     progress: Progress | None = None,
     *,
     targets: Sequence[int] | None = None,
+    preview: Preview | None = None,
 ) -> tuple[Tensor, TransferSpec]:
     """Denoise a set in the style of an inverted reference image; see `transfer_set`.
 
@@ -91,6 +104,7 @@ def transfer_latents(
         spec: The targets and settings.
         progress: Called as the work proceeds.
         targets: Only these targets, whole chunks of the set (see `denoise_set`); the others keep their noise.
+        preview: Called with the reference's latent after each of its steps.
 
     Returns:
         The final latents (the reference first) and the resolved spec.
@@ -100,8 +114,8 @@ def transfer_latents(
     solver = ddim(sd, spec.steps)
     trajectory.check_fits(sd, solver, spec.width, spec.height)
     prompts = spec.image_prompts()
-    conditioning = SetConditioning(sd, prompts, spec.negative_prompt, spec.width, spec.height)
     latents = initial_noise(spec, len(prompts), sd.device, sd.dtype)
+    conditioning = SetConditioning(sd, prompts, spec.negative_prompt, spec.width, spec.height)
     reference = trajectory.latents.to(device=sd.device, dtype=sd.dtype)
     latents[0] = reference[spec.offset]
     first_step = solver.first_inference_step
@@ -116,7 +130,7 @@ def transfer_latents(
         conditioning,
         solver=solver,
         progress=progress,
-        after_reference_step=follow_trajectory,
+        after_reference_step=with_preview(follow_trajectory, preview),
         targets=targets,
     )
     return latents, spec
@@ -127,6 +141,9 @@ def transfer_set(
     trajectory: ReferenceTrajectory,
     spec: TransferSpec,
     progress: Progress | None = None,
+    *,
+    images: Sequence[int] | None = None,
+    preview: Preview | None = None,
 ) -> GeneratedSet:
     """Generate a set in the style of an inverted reference image.
 
@@ -139,6 +156,8 @@ def transfer_set(
         trajectory: The reference's inversion (see `make_trajectory`), for this model, schedule and size.
         spec: The targets and settings; its `reference_prompt` is ignored (the trajectory's caption is used).
         progress: Called as the work proceeds.
+        images: Generate only these images of the set (see `generate_set`).
+        preview: Called with the reference's latent after each of its steps.
 
     Returns:
         The images, the reference (the reconstructed input image) first.
@@ -146,7 +165,6 @@ def transfer_set(
     Raises:
         ValueError: If a setting is out of range or the trajectory does not fit the model, schedule or size.
     """
-    latents, spec = transfer_latents(sd, trajectory, spec, progress)
-    prompts = spec.image_prompts()
-    total = progress_total(num_images=len(prompts), steps=spec.steps, chunk_size=spec.chunk_size)
-    return GeneratedSet(images=decode(sd, latents, progress=progress, total=total), prompts=prompts, spec=spec)
+    targets = part_targets(len(spec.prompts) + 1, images)
+    latents, spec = transfer_latents(sd, trajectory, spec, progress, targets=targets, preview=preview)
+    return decode_set(sd, latents, spec, progress=progress, targets=targets)

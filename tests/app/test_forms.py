@@ -1,0 +1,99 @@
+"""The page's settings come from the commands' options and give the commands' arguments (no model, no browser)."""
+
+from pathlib import Path
+
+import pytest
+
+from style_aligned.app.forms import (
+    SET_CONTROLS,
+    STYLE_CONTROLS,
+    TRANSFER_CONTROLS,
+    command_args,
+    control,
+    lora_arguments,
+    prompt_lines,
+)
+from style_aligned.cli import build_parser
+from style_aligned.cli.generate import generate_spec
+from style_aligned.options import StyleAlignedOptions, option_fields
+
+
+def test_every_style_option_is_on_the_page_with_its_own_help() -> None:
+    assert STYLE_CONTROLS == StyleAlignedOptions.names()
+    for option in option_fields():
+        setting = control("generate", option.name)
+        assert setting.help == option.help == StyleAlignedOptions.help(option.name)
+    kinds = {name: control("generate", name).kind for name in STYLE_CONTROLS}
+    assert kinds["adain_queries"] == kinds["share_group_norm"] == "switch"
+    assert kinds["shared_score_shift"] == "float" and kinds["shared_layers"] == "list"
+    assert kinds["shared_blocks"] == "choices" and control("generate", "shared_blocks").choices == ("down", "mid", "up")
+
+
+def test_set_and_transfer_settings_read_the_commands_help() -> None:
+    helps = {name: control("generate", name).help for name in SET_CONTROLS}
+    assert all(helps.values()), helps
+    assert helps["chunk_size"] == "targets per batch (default: all)"
+    assert control("generate", "steps").default == 50 and control("transfer", "steps").default is None
+    assert control("transfer", "fit").kind == "choice" and control("transfer", "fit").choices == ("crop", "resize")
+    assert all(control("transfer", name).help for name in TRANSFER_CONTROLS)
+
+
+def test_page_values_give_the_commands_arguments() -> None:
+    values = {
+        "steps": 2.0,
+        "size": "64x64",
+        "seed": 3,
+        "guidance": None,
+        "chunk_size": None,
+        "shared_score_shift": 0.5,
+        "share_group_norm": "off",
+        "adain_values": "default",
+        "shared_blocks": ["up"],
+        "shared_layers": "",
+        "offset": 4,  # not an option of generate: left out
+    }
+    args = command_args("generate", values, prompts=["a", "b"], model="models/sd1", lora=None)
+    typed = build_parser().parse_args(
+        ["generate", "--model", "models/sd1", "--out", "x", "--prompt", "a", "--prompt", "b", "--steps", "2"]
+        + ["--size", "64x64", "--seed", "3", "--shared-score-shift", "0.5", "--no-share-group-norm"]
+        + ["--shared-blocks", "up"]
+    )
+    assert generate_spec(args) == generate_spec(typed)
+    assert not hasattr(args, "offset") and args.steps == 2 and isinstance(args.steps, int)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("size", "sixty", "size: expected WIDTHxHEIGHT"),
+        ("steps", 2.5, "steps: expected a whole number"),
+        ("shared_layers", "1, x", "shared layers: invalid literal"),
+        ("share_group_norm", "maybe", "share group norm: choose one of default, on, off"),
+        ("shared_blocks", ["top"], "shared blocks: unknown top"),
+    ],
+)
+def test_bad_values_name_their_setting(name: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        command_args("generate", {name: value})
+
+
+def test_prompts_are_the_non_empty_lines() -> None:
+    assert prompt_lines(" a toy train \n\n  \na toy car") == ["a toy train", "a toy car"]
+    assert prompt_lines(None) == []
+
+
+def test_loras_are_files_of_the_lora_folder_only(tmp_path: Path) -> None:
+    folder = tmp_path / "loras"
+    (folder / "styles").mkdir(parents=True)
+    (folder / "styles" / "ink.safetensors").write_bytes(b"")
+    (tmp_path / "secret.safetensors").write_bytes(b"")
+    assert lora_arguments("styles/ink.safetensors:0.5\n", folder) == [f"{folder / 'styles/ink.safetensors'}:0.5"]
+    assert lora_arguments("styles/ink.safetensors", folder) == [f"{folder / 'styles/ink.safetensors'}:1"]
+    for outside in ("../secret.safetensors", str(tmp_path / "secret.safetensors"), "missing.safetensors"):
+        with pytest.raises(ValueError, match="is not a file in the LoRA folder"):
+            lora_arguments(outside, folder)
+    with pytest.raises(ValueError, match="scale after ':' must be a number"):
+        lora_arguments("styles/ink.safetensors:strong", folder)
+    with pytest.raises(ValueError, match="LoRAs are off"):
+        lora_arguments("styles/ink.safetensors", None)
+    assert lora_arguments("", None) == []
