@@ -6,6 +6,7 @@ from style_aligned.adapters.style_aligned_adapter import StyleAlignedAdapter
 from style_aligned.adapters.unet_layers import SelfAttentionLayer, self_attention_layers
 from style_aligned.layers.adain import AdaIN
 from style_aligned.layers.attention import JointScaledDotProductAttention, ShiftedScaledDotProductAttention
+from style_aligned.layers.reference_attention import ReferenceAttention
 from style_aligned.layers.reference_cache import ReferenceCache
 from style_aligned.layers.references import (
     AppendReferences,
@@ -22,6 +23,7 @@ __all__ = [
     "CheckBatchLayout",
     "GetReferences",
     "JointScaledDotProductAttention",
+    "ReferenceAttention",
     "ReferenceCache",
     "ScaleReferences",
     "SelfAttentionLayer",

@@ -5,6 +5,7 @@ from refiners.fluxion.adapters.adapter import Adapter
 
 from style_aligned.layers.adain import AdaIN
 from style_aligned.layers.attention import JointScaledDotProductAttention, ShiftedScaledDotProductAttention
+from style_aligned.layers.reference_attention import ReferenceAttention
 from style_aligned.layers.reference_cache import ReferenceCache
 from style_aligned.layers.references import AppendReferences, ScaleReferences, SplitHalves
 from style_aligned.options import StyleAlignedOptions
@@ -27,6 +28,10 @@ class SharedAttentionAdapter(fl.Chain, Adapter[fl.ScaledDotProductAttention]):
 
     The reference's output is its plain self-attention output: influence flows from the reference to the targets.
     With `full_attention_share`, every image attends to all images of its half instead, without AdaIN.
+
+    With several references (the reference cache's weights) or `attention_mode="swap"`, steps 2 and 3 are a
+    `ReferenceAttention`: the targets attend to the tokens of every reference, each with its log-weight, after their
+    own (`concat`), or to the references' tokens only, without AdaIN (`swap`, Visual Style Prompting).
 
     Receives:
         Query (Float[Tensor, "batch tokens embedding_dim"]):
@@ -56,6 +61,8 @@ class SharedAttentionAdapter(fl.Chain, Adapter[fl.ScaledDotProductAttention]):
         cfg = classifier_free_guidance
         cache = reference_cache
         self.full_attention_share = options.full_attention_share
+        if options.full_attention_share and cache.num_references > 1:
+            raise ValueError("full_attention_share works with one reference, got several")
         layers: list[fl.Module] = (
             [
                 # (queries, keys, values): (batch, tokens, channels) each
@@ -64,6 +71,8 @@ class SharedAttentionAdapter(fl.Chain, Adapter[fl.ScaledDotProductAttention]):
                 ),
             ]
             if options.full_attention_share
+            else reference_attention_layers(target, options, cfg, cache)
+            if options.attention_mode == "swap" or cache.num_references > 1
             else [
                 # (queries, keys, values): (batch, tokens, channels) each
                 fl.Distribute(SplitHalves(cfg, cache), SplitHalves(cfg, cache), SplitHalves(cfg, cache)),
@@ -91,19 +100,51 @@ class SharedAttentionAdapter(fl.Chain, Adapter[fl.ScaledDotProductAttention]):
     @property
     def shared_score_scale(self) -> float:
         """The factor on the reference keys given to the targets."""
-        scale_references = self.find(ScaleReferences)
+        scale_references = self.find(ScaleReferences) or self.find(ReferenceAttention)
         return 1.0 if scale_references is None else scale_references.scale
 
     @shared_score_scale.setter
     def shared_score_scale(self, value: float) -> None:
+        if (attention := self.find(ReferenceAttention)) is not None:
+            attention.scale = value
+            return
         self.ensure_find(ScaleReferences).scale = value
 
     @property
     def shared_score_shift(self) -> float:
         """The constant added to the attention logits of the appended reference tokens."""
-        attention = self.find(ShiftedScaledDotProductAttention)
+        attention = self.find(ShiftedScaledDotProductAttention) or self.find(ReferenceAttention)
         return 0.0 if attention is None else attention.shift
 
     @shared_score_shift.setter
     def shared_score_shift(self, value: float) -> None:
+        if (attention := self.find(ReferenceAttention)) is not None:
+            attention.shift = value
+            return
         self.ensure_find(ShiftedScaledDotProductAttention).shift = value
+
+
+def reference_attention_layers(
+    target: fl.ScaledDotProductAttention, options: StyleAlignedOptions, cfg: bool, cache: ReferenceCache
+) -> list[fl.Module]:
+    """The layers of shared attention over several references, or of swapped attention (see `ReferenceAttention`)."""
+    concat = options.attention_mode == "concat"
+    return [
+        # (queries, keys, values): (batch, tokens, channels) each
+        fl.Distribute(SplitHalves(cfg, cache), SplitHalves(cfg, cache), SplitHalves(cfg, cache)),
+        # (queries, keys, values): (halves, images_per_half, tokens, channels) each, views
+        fl.Distribute(
+            _adain(concat and options.adain_queries, cache),
+            _adain(concat and options.adain_keys, cache),
+            _adain(concat and options.adain_values, cache),
+        ),
+        ReferenceAttention(
+            target.num_heads,
+            mode=options.attention_mode,
+            scale=options.shared_score_scale,
+            shift=options.shared_score_shift,
+            slice_size=target.slice_size,
+            reference_cache=cache,
+        ),
+        # (batch, tokens, channels)
+    ]
