@@ -64,7 +64,7 @@ class SharedGroupNormAdapter(fl.Chain, Adapter[fl.GroupNorm]):
             return output
         target_mean, target_variance = statistics[:, first_target:].chunk(2, dim=-1)
         reference_mean, reference_variance = mixture_statistics(
-            *references.chunk(2, dim=-1), self.reference_cache.mixture_weights
+            references[..., :1], references[..., 1:], self.reference_cache.mixture_weights
         )  # (halves, 1, groups, 1)
         joint_mean = (target_mean + reference_mean) / 2
         joint_variance = (target_variance + reference_variance) / 2 + ((target_mean - reference_mean) / 2) ** 2

@@ -135,9 +135,10 @@ def select_shared_layers(layers: list[SelfAttentionLayer], options: StyleAligned
 
     Args:
         layers: All self-attention layers of the U-Net, as given by `self_attention_layers` (running order).
-        options: In swap mode, without another choice, the layers of `swap_layers`. `only_self_level` spreads the unshared layers evenly over the layers counted in diffusers'
+        options: `only_self_level` spreads the unshared layers evenly over the layers counted in diffusers'
             registration order (see `registration_order`), as the reference implementation does; `shared_layers`
-            are indices in running order; `shared_blocks` names U-Net blocks.
+            are indices in running order; `shared_blocks` names U-Net blocks. In swap mode, without another
+            choice, the layers of `swap_layers`.
 
     Returns:
         The layers to share, in running order.

@@ -170,5 +170,7 @@ def write_set(out: Path, make: Callable[[ProgressBar], Any], details: dict[str, 
         generated = make(bar)
     finally:
         bar.close()
-    write_set_images(out, generated.images, generated.prompts, title=title)
+    write_set_images(
+        out, generated.images, generated.prompts, title=title, num_references=generated.spec.num_references()
+    )
     print(out)

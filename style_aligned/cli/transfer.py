@@ -2,6 +2,7 @@
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from style_aligned.cli.options import (
@@ -24,11 +25,27 @@ def run_transfer(args: argparse.Namespace) -> None:
     from style_aligned.pipeline.set_files import sidecar
     from style_aligned.pipeline.transfer import TransferSpec, make_trajectory, transfer_set
 
-    if args.trajectory is None and (args.image is None or args.caption is None):
-        raise ValueError("give the reference as --image and --caption, or reuse an inversion with --trajectory")
-    trajectory = ReferenceTrajectory.load(args.trajectory) if args.trajectory else None
-    width, height = args.size or ((trajectory.width, trajectory.height) if trajectory else (None, None))
-    steps = args.steps or (len(trajectory.timesteps) if trajectory else 50)
+    images: list[Path] = args.images or []
+    captions: list[str] = args.captions or []
+    saved: list[Path] = args.trajectories or []
+    save_to: list[Path] = args.save_trajectories or []
+    if not saved and (not images or len(images) != len(captions)):
+        raise ValueError(
+            "give each reference as --image and --caption (one --caption per --image), or reuse inversions with"
+            f" --trajectory (got {len(images)} images and {len(captions)} captions)"
+        )
+    if saved and images:
+        raise ValueError("give the references as --image/--caption pairs or as --trajectory files, not both")
+    if save_to and len(save_to) != len(images):
+        raise ValueError(f"give one --save-trajectory per --image: {len(save_to)} for {len(images)} images")
+    count = len(saved) or len(images)
+    weights: list[float] | None = args.reference_weights
+    if weights is not None and len(weights) != count:
+        raise ValueError(f"give one --reference-weight per reference: {len(weights)} for {count} references")
+    loaded = [ReferenceTrajectory.load(path) for path in saved]
+    first = loaded[0] if loaded else None
+    width, height = args.size or ((first.width, first.height) if first else (None, None))
+    steps = args.steps or (len(first.timesteps) if first else 50)
     spec = TransferSpec(
         prompts=args.prompts,
         negative_prompt=args.negative_prompt,
@@ -42,29 +59,45 @@ def run_transfer(args: argparse.Namespace) -> None:
         offset=args.offset,
         inversion_guidance=args.inversion_guidance,
         fit=args.fit,
+        reference_weights=weights,
         **extras(args),
     )
+    spec = replace(spec, reference_prompts=[f"reference {i + 1}" for i in range(count)] if count > 1 else None)
+    spec.mixture_weights()  # checked before the model loads
+    pictures: list[Image.Image] = []
+    for path in images:
+        try:
+            picture = Image.open(path)
+            picture.load()
+        except (OSError, UnidentifiedImageError) as error:
+            raise ValueError(f"cannot read the reference image {path}: {error}") from None
+        pictures.append(picture)
     sd = load_model(args)
     spec = spec.resolved(sd)
-    if trajectory is None:
-        try:
-            image = Image.open(args.image)
-            image.load()
-        except (OSError, UnidentifiedImageError) as error:
-            raise ValueError(f"cannot read the reference image {args.image}: {error}") from None
-        print(f"inverting {args.image} ({spec.steps} DDIM steps)", file=sys.stderr)
-        trajectory = make_trajectory(sd, image, args.caption, spec)
-        if args.save_trajectory:
-            trajectory.save(args.save_trajectory)
-            print(f"saved the inversion to {args.save_trajectory}", file=sys.stderr)
-    prompts = [trajectory.caption, *spec.prompts]
+    trajectories = loaded
+    for index, (path, picture, caption) in enumerate(zip(images, pictures, captions, strict=True)):
+        print(f"inverting {path} ({spec.steps} DDIM steps)", file=sys.stderr)
+        trajectory = make_trajectory(sd, picture, caption, spec)
+        if save_to:
+            trajectory.save(save_to[index])
+            print(f"saved the inversion to {save_to[index]}", file=sys.stderr)
+        trajectories.append(trajectory)
+    references = [trajectory.caption for trajectory in trajectories]
+    prompts = [*references, *spec.prompts]
+    spec = replace(
+        spec,
+        reference_prompts=references if count > 1 else None,
+        reference_prompt=references[0] if count == 1 else None,
+    )
     details = {
         "model": str(args.model),
-        "image": str(args.image) if args.image else None,
-        "caption": trajectory.caption,
-        "trajectory": str(args.trajectory or args.save_trajectory or "") or None,
+        "image": str(images[0]) if len(images) == 1 else None,
+        "caption": references[0] if count == 1 else None,
+        "trajectory": (str((saved or save_to)[0]) if (saved or save_to) else None) if count == 1 else None,
+        "reference_images": [str(path) for path in images] or None,
+        "reference_trajectories": [str(path) for path in (saved or save_to)] or None,
     }
-    reference = trajectory
+    reference = trajectories
     write_set(
         args.out,
         lambda bar: transfer_set(sd, reference, spec, progress=bar),
@@ -83,13 +116,44 @@ def add_transfer_command(parser: argparse.ArgumentParser) -> None:
     add_set_options(parser)
     parser.set_defaults(steps=None)
     group = parser.add_argument_group("reference image")
-    group.add_argument("--image", type=Path, metavar="REF", help="the style reference (any image Pillow reads)")
-    group.add_argument("--caption", help="a caption of the reference image (its prompt in the set)")
+    group.add_argument(
+        "--image",
+        dest="images",
+        type=Path,
+        action="append",
+        metavar="REF",
+        help="the style reference (any image Pillow reads); repeat, each with its --caption, to blend several",
+    )
+    group.add_argument(
+        "--caption", dest="captions", action="append", help="a caption of the reference image (its prompt in the set)"
+    )
+    group.add_argument(
+        "--reference-weight",
+        dest="reference_weights",
+        type=float,
+        action="append",
+        metavar="W",
+        help="relative weight of each reference, in order (default: equal); a log-weight on its logits",
+    )
     group.add_argument("--fit", choices=["crop", "resize"], default="crop", help="cover and crop, or stretch")
     group.add_argument("--offset", type=int, default=5, help="trajectory index the reference starts from (default: 5)")
     group.add_argument("--inversion-guidance", type=float, default=2.0, help="guidance of the inversion (default: 2)")
-    group.add_argument("--save-trajectory", type=Path, metavar="FILE", help="save the inversion (.safetensors)")
-    group.add_argument("--trajectory", type=Path, metavar="FILE", help="reuse a saved inversion instead of --image")
+    group.add_argument(
+        "--save-trajectory",
+        dest="save_trajectories",
+        type=Path,
+        action="append",
+        metavar="FILE",
+        help="save the inversion (.safetensors; one per --image)",
+    )
+    group.add_argument(
+        "--trajectory",
+        dest="trajectories",
+        type=Path,
+        action="append",
+        metavar="FILE",
+        help="reuse a saved inversion instead of --image (repeat for several references)",
+    )
     add_style_options(parser)
     add_extras_options(parser)
     parser.set_defaults(command=run_transfer)

@@ -51,7 +51,9 @@ class AdaIN(fl.Module):
         std = (variance + self.epsilon).sqrt()
         cache = self.reference_cache
         references = cache.references(self, torch.cat([mean, variance], dim=-2))  # (halves, k, 2, C)
-        reference_mean, reference_variance = mixture_statistics(*references.chunk(2, dim=-2), cache.mixture_weights)
+        reference_mean, reference_variance = mixture_statistics(
+            references[:, :, :1], references[:, :, 1:], cache.mixture_weights
+        )
         reference_std = (reference_variance + self.epsilon).sqrt()  # (halves, 1, 1, C)
         # x * (ref_std / std) + (ref_mean - mean * ref_std / std): the reference rows get factor 1 and offset 0 exactly.
         factor = reference_std / std

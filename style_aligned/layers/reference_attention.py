@@ -105,7 +105,7 @@ class ReferenceAttention(fl.ScaledDotProductAttention):
         halves, per_half, num_queries, _ = query.shape
         num_tokens, key_dim = key.shape[-2:]
         recorded = cache.references(self, torch.cat([key, value], dim=-1))  # (halves, k, tokens, key + value dims)
-        reference_keys, reference_values = recorded.split([key_dim, value.shape[-1]], dim=-1)
+        reference_keys, reference_values = recorded[..., :key_dim], recorded[..., key_dim:]
         first_target = cache.num_references if cache.batch_has_references else 0
         num_targets = per_half - first_target
         output = query.new_empty(halves, per_half, num_queries, value.shape[-1])

@@ -1,9 +1,10 @@
 """Where the shared layers find the reference images of each batch half: in the batch, or recorded from a pass.
 
-By default (`"batch"` mode) image 0 of each batch half is the reference (images 0 to k - 1 with k references). To generate large sets at constant memory,
-the reference runs alone first (`"record"`: the batch holds only the references, one per half, and every shared
-layer keeps what the targets need from it: keys, values and AdaIN statistics, GroupNorm statistics), then the
-targets run in batches of any size without it (`"replay"`: every row is a target and the layers use the recording).
+By default (`"batch"` mode) image 0 of each batch half is the reference (images 0 to k - 1 with k references). To
+generate large sets at constant memory, the references run alone first (`"record"`: the batch holds only the
+references, and every shared layer keeps what the targets need from them: keys, values and AdaIN statistics,
+GroupNorm statistics), then the targets run in batches of any size without them (`"replay"`: every row is a target
+and the layers use the recording).
 """
 
 import math

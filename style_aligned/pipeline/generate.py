@@ -12,6 +12,7 @@ from refiners.foundationals.latent_diffusion.solvers import DDIM, SolverParams
 from torch import Tensor
 
 from style_aligned.adapters.style_aligned_adapter import StyleAlignedAdapter
+from style_aligned.layers.reference_cache import mixture_weights
 from style_aligned.options import ModelKind, StyleAlignedOptions, model_kind
 from style_aligned.pipeline.composition import Composition, ControlSpec, Extras, IPAdapterSpec, LoraSpec
 
@@ -53,8 +54,11 @@ class SetSpec:
     """A style-consistent set to generate.
 
     Attributes:
-        prompts: One prompt per image. Without `reference_prompt`, the first is the reference.
+        prompts: One prompt per image. Without `reference_prompt` or `reference_prompts`, the first is the reference.
         reference_prompt: The prompt of an extra reference image placed before the others.
+        reference_prompts: The prompts of several reference images placed before the others, whose styles the
+            targets blend (instead of `reference_prompt`).
+        reference_weights: One relative weight per reference (default: equal); see `ReferenceCache.mixture_weights`.
         negative_prompt: The negative prompt of every image.
         seed: The seed of the initial noise (image `i` gets the `i`-th draw, whatever the chunk size).
         steps: The number of DDIM steps (the solver of the reference examples, see `ddim`).
@@ -70,6 +74,8 @@ class SetSpec:
 
     prompts: list[str]
     reference_prompt: str | None = None
+    reference_prompts: list[str] | None = None
+    reference_weights: list[float] | None = None
     negative_prompt: str = ""
     seed: int = 0
     steps: int = 50
@@ -87,8 +93,25 @@ class SetSpec:
         return Extras(controls=list(self.controls), loras=list(self.loras), ip_adapter=self.ip_adapter)
 
     def image_prompts(self) -> list[str]:
-        """The prompt of every image, the reference first."""
+        """The prompt of every image, the references first."""
+        if self.reference_prompts is not None:
+            return [*self.reference_prompts, *self.prompts]
         return ([self.reference_prompt] if self.reference_prompt is not None else []) + list(self.prompts)
+
+    def num_references(self) -> int:
+        """The number of references, the first images of the set."""
+        return len(self.reference_prompts) if self.reference_prompts is not None else 1
+
+    def mixture_weights(self) -> tuple[float, ...]:
+        """The references' weights (equal by default), normalised to sum 1.
+
+        Raises:
+            ValueError: If there is not one weight per reference, or a weight is not a number > 0.
+        """
+        weights = self.reference_weights
+        if weights is not None and len(weights) != self.num_references():
+            raise ValueError(f"give one reference weight per reference: {len(weights)} for {self.num_references()}")
+        return mixture_weights(weights or [1.0] * self.num_references())
 
     def resolved(self, sd: StableDiffusion) -> "SetSpec":
         """This spec with the model's defaults filled in, checked.
@@ -103,6 +126,14 @@ class SetSpec:
         spec = replace(self, width=width, height=height, guidance=guidance, style=self.style.resolved(kind))
         if not spec.image_prompts():
             raise ValueError("a set needs at least one prompt")
+        if spec.reference_prompts is not None:
+            if spec.reference_prompt is not None:
+                raise ValueError("give the reference as reference_prompt or reference_prompts, not both")
+            if not spec.reference_prompts:
+                raise ValueError("reference_prompts needs at least one prompt")
+            if len(spec.reference_prompts) > 1 and spec.controls:
+                raise ValueError("ControlNets work with one reference; give a single reference prompt")
+        spec.mixture_weights()
         if width % 8 or height % 8 or width < 8 or height < 8:
             raise ValueError(f"the image size must be multiples of 8 pixels, got {width}x{height}")
         if spec.steps < 1:
@@ -186,16 +217,17 @@ def initial_noise(spec: SetSpec, count: int, device: torch.device, dtype: torch.
     return noise.to(device=device, dtype=dtype)
 
 
-def target_chunks(num_images: int, chunk_size: int | None) -> list[list[int]]:
-    """The indices of the targets (all images but the first), in chunks of `chunk_size` (default: one chunk)."""
-    targets = list(range(1, num_images))
+def target_chunks(num_images: int, chunk_size: int | None, num_references: int = 1) -> list[list[int]]:
+    """The indices of the targets (all images but the references, first), in chunks of `chunk_size` (default: one
+    chunk)."""
+    targets = list(range(num_references, num_images))
     size = chunk_size or max(1, len(targets))
     return [targets[start : start + size] for start in range(0, len(targets), size)]
 
 
-def progress_total(num_steps: int, num_images: int, chunk_size: int | None) -> int:
+def progress_total(num_steps: int, num_images: int, chunk_size: int | None, num_references: int = 1) -> int:
     """The units of work of a set, for progress: one per U-Net call of the denoising loop, one per decoded image."""
-    return num_steps * (1 + len(target_chunks(num_images, chunk_size))) + num_images
+    return num_steps * (1 + len(target_chunks(num_images, chunk_size, num_references))) + num_images
 
 
 def denoise_set(
@@ -211,9 +243,9 @@ def denoise_set(
     before_call: Callable[[list[int]], None] | None = None,
     progress: Progress | None = None,
 ) -> Tensor:
-    """Run the denoising loop of a set whose first latent is the reference.
+    """Run the denoising loop of a set whose first latents are the references (one, or the adapter's several).
 
-    At every step the reference runs alone while the adapter records its features, then the targets run in chunks
+    At every step the references run alone while the adapter records their features, then the targets run in chunks
     that use the recording. The result equals running the whole set as one batch.
 
     Args:
@@ -224,7 +256,7 @@ def denoise_set(
         guidance: The classifier-free guidance scale.
         chunk_size: How many targets run together (default: all).
         steps: The solver steps to run (default: all of `sd.steps`).
-        after_reference_step: Called with (step, reference latent) after each reference step; returns the latent
+        after_reference_step: Called with (step, reference latents) after each reference step; returns the latents
             to continue from (style transfer makes the reference follow an inversion trajectory this way).
         before_call: Called with the images of each U-Net call before it (to set per-image control inputs).
         progress: Called after each U-Net call, over the set's `progress_total` (decoding comes last).
@@ -234,23 +266,25 @@ def denoise_set(
     """
     steps = list(sd.steps if steps is None else steps)
     x = latents.clone()
-    chunks = target_chunks(x.shape[0], chunk_size)
-    total = progress_total(len(steps), x.shape[0], chunk_size)
+    cache = adapter.reference_cache
+    count = cache.num_references
+    references = list(range(count))
+    chunks = target_chunks(x.shape[0], chunk_size, count)
+    total = progress_total(len(steps), x.shape[0], chunk_size, count)
 
     def report(phase: str, step_number: int, chunk: int) -> None:
         if progress:
             done = (step_number - 1) * (1 + len(chunks)) + chunk + 1
             progress(ProgressEvent(done, total, phase, step_number, len(steps), chunk, len(chunks)))
 
-    cache = adapter.reference_cache
     with torch.no_grad():
         for step_number, step in enumerate(steps, start=1):
             if before_call:
-                before_call([0])
+                before_call(references)
             with cache.record():
-                x[:1] = sd(x[:1], step, **conditioning([0]), condition_scale=guidance)
+                x[:count] = sd(x[:count], step, **conditioning(references), condition_scale=guidance)
             if after_reference_step is not None:
-                x[:1] = after_reference_step(step, x[:1])
+                x[:count] = after_reference_step(step, x[:count])
             report("reference", step_number, 0)
             with cache.replay():
                 for number, chunk in enumerate(chunks, start=1):
@@ -290,7 +324,7 @@ def denoise_with_extras(
         The final latents.
     """
     assert spec.width is not None and spec.height is not None and spec.guidance is not None
-    adapter = StyleAlignedAdapter(sd.unet, spec.style)
+    adapter = StyleAlignedAdapter(sd.unet, spec.style, reference_weights=spec.mixture_weights())
     previous_solver, sd.solver = sd.solver, solver
     try:
         with Composition(sd, spec.extras(), latents.shape[0], spec.width, spec.height) as composition:
@@ -317,6 +351,7 @@ def generate_set(sd: StableDiffusion, spec: SetSpec, progress: Progress | None =
     """Generate a style-consistent set of images.
 
     The first image (`spec.reference_prompt`, or the first prompt) is the reference; the others share its style.
+    With `spec.reference_prompts`, the first images are references and the others blend their styles.
     The DDIM solver of the reference examples is used (see `ddim`); the model's solver is restored afterwards.
 
     Args:
@@ -337,7 +372,7 @@ def generate_set(sd: StableDiffusion, spec: SetSpec, progress: Progress | None =
     conditioning = SetConditioning(sd, prompts, spec.negative_prompt, spec.width, spec.height)
     latents = initial_noise(spec, len(prompts), sd.device, sd.dtype)
     latents = denoise_with_extras(sd, spec, latents, conditioning, solver=ddim(sd, spec.steps), progress=progress)
-    total = progress_total(spec.steps, len(prompts), spec.chunk_size)
+    total = progress_total(spec.steps, len(prompts), spec.chunk_size, spec.num_references())
     return GeneratedSet(images=decode(sd, latents, progress=progress, total=total), prompts=prompts, spec=spec)
 
 
