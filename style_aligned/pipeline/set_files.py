@@ -54,8 +54,13 @@ def sidecar(command: str, spec: SetSpec, prompts: Sequence[str], **details: Any)
         "images": [image_name(index, prompt, count) for index, prompt in enumerate(prompts)],
         "grid": GRID,
         **details,
-        "versions": {name: version(name) for name in ("style-aligned", "refiners")} | {"torch": torch.__version__},
+        "versions": sidecar_versions(),
     }
+
+
+def sidecar_versions() -> dict[str, str]:
+    """The versions of style-aligned, Refiners and torch, for sidecars."""
+    return {name: version(name) for name in ("style-aligned", "refiners")} | {"torch": torch.__version__}
 
 
 def write_set_images(
