@@ -30,7 +30,7 @@ def run_panorama(args: argparse.Namespace) -> None:
         raise ValueError("give the reference as --reference-prompt, or as --image with --caption")
     elif args.caption is not None:
         raise ValueError("--caption describes a reference --image; without one, use --reference-prompt")
-    reference_prompt: str = args.caption if args.image is not None else args.reference_prompt
+    reference_prompt = str(args.caption if args.image is not None else args.reference_prompt)  # checked above
     width, height = args.size or (None, None)
     base = StyleAlignedOptions.for_transfer() if args.image is not None else StyleAlignedOptions()
     spec = PanoramaSpec(
@@ -51,6 +51,7 @@ def run_panorama(args: argparse.Namespace) -> None:
         inversion_guidance=args.inversion_guidance,
         fit=args.fit,
     )
+    spec.check()  # before the model loads
     sd = load_model(args)
     spec = spec.resolved(sd)
     views = panorama_views(spec)

@@ -94,30 +94,37 @@ class PanoramaSpec:
         """
         kind = model_kind(sd)
         default_width, default_height = DEFAULT_PANORAMA[kind]
-        width, height = self.width or default_width, self.height or default_height
-        view_size = self.view_size or DEFAULT_SIZE[kind]
-        stride = self.stride or DEFAULT_STRIDE[kind]
-        for name, value in (("width", width), ("height", height), ("view_size", view_size), ("stride", stride)):
-            if value < 8 or value % 8:
+        guidance = DEFAULT_GUIDANCE[kind] if self.guidance is None else self.guidance
+        spec = replace(
+            self,
+            width=self.width or default_width,
+            height=self.height or default_height,
+            view_size=self.view_size or DEFAULT_SIZE[kind],
+            stride=self.stride or DEFAULT_STRIDE[kind],
+            guidance=guidance,
+            style=self.style.resolved(kind),
+        )
+        spec.check()
+        return spec
+
+    def check(self) -> None:
+        """Check the settings given (those left to the model's defaults are checked by `resolved`).
+
+        Raises:
+            ValueError: If a setting is out of range.
+        """
+        sizes = (("width", self.width), ("height", self.height), ("view_size", self.view_size), ("stride", self.stride))
+        for name, value in sizes:
+            if value is not None and (value < 8 or value % 8):
                 raise ValueError(f"the panorama's {name} must be a multiple of 8 pixels, got {value}")
-        if stride > view_size:
-            raise ValueError(f"the stride ({stride} px) must not exceed the view size ({view_size} px)")
+        if self.stride is not None and self.view_size is not None and self.stride > self.view_size:
+            raise ValueError(f"the stride ({self.stride} px) must not exceed the view size ({self.view_size} px)")
         if self.view_batch < 1:
             raise ValueError(f"view_batch must be at least 1, got {self.view_batch}")
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if self.reference_image is not None and not 0 <= self.offset < self.steps:
             raise ValueError(f"offset must be in [0, steps), got {self.offset} for {self.steps} steps")
-        guidance = DEFAULT_GUIDANCE[kind] if self.guidance is None else self.guidance
-        return replace(
-            self,
-            width=width,
-            height=height,
-            view_size=view_size,
-            stride=stride,
-            guidance=guidance,
-            style=self.style.resolved(kind),
-        )
 
     def view_shape(self) -> tuple[int, int]:
         """The (height, width) of each view in pixels, for a resolved spec."""
