@@ -7,7 +7,14 @@ import pytest
 import refiners.fluxion.layers as fl
 import torch
 
-from style_aligned import ReferenceAttention, ReferenceCache, SharedAttentionAdapter, StyleAlignedOptions
+from style_aligned import (
+    AdaIN,
+    ReferenceAttention,
+    ReferenceCache,
+    SharedAttentionAdapter,
+    SharedGroupNormAdapter,
+    StyleAlignedOptions,
+)
 from style_aligned.adapters.shared_attention import reference_attention_layers
 from style_aligned.layers.reference_cache import mixture_weights
 from tests.helpers import spec_reference as spec
@@ -196,3 +203,44 @@ def test_swap_refuses_concat_only_options() -> None:
 def test_full_attention_share_refuses_several_references() -> None:
     with pytest.raises(ValueError, match="one reference"):
         shared_attention(make_self_attention(), reference_cache=ReferenceCache([1.0, 1.0]), full_attention_share=True)
+
+
+@pytest.mark.parametrize("cfg", [True, False])
+def test_shared_group_norm_with_equally_weighted_references_pools_them(cfg: bool) -> None:
+    """Equal weights: a target's statistics are those of its own map taken k times beside each reference once."""
+    torch.manual_seed(11)
+    norm = fl.GroupNorm(channels=8, num_groups=2)
+    norm.weight.data.uniform_(0.5, 1.5)
+    norm.bias.data.uniform_(-0.5, 0.5)
+    parent = fl.Chain(norm)
+    halves, count, per_half = (2 if cfg else 1), 2, 4
+    x = torch.randn(halves * per_half, 8, 4, 4) * torch.linspace(0.5, 2.0, halves * per_half)[:, None, None, None]
+    plain = parent(x)
+    SharedGroupNormAdapter(norm, cfg, ReferenceCache([1.0, 1.0])).inject(parent)
+    with torch.no_grad():
+        output = parent(x)
+    for half in range(halves):
+        rows = list(range(half * per_half, (half + 1) * per_half))
+        references = [x[r] for r in rows[:count]]
+        for r in rows[:count]:  # references: the plain GroupNorm
+            assert (output[r] - plain[r]).abs().max().item() <= TOLERANCE
+        for i in rows[count:]:
+            pooled = torch.stack([x[i]] * count + references).double()  # (2k, channels, h, w)
+            groups = pooled.reshape(2 * count, 2, 4, 4, 4).transpose(0, 1).reshape(2, -1)
+            mean, variance = groups.mean(-1), groups.var(-1, unbiased=False)
+            own = x[i].double().reshape(2, -1)
+            normed = ((own - mean[:, None]) / (variance[:, None] + norm.eps).sqrt()).reshape(8, -1)
+            expected = normed * norm.weight.double()[:, None] + norm.bias.double()[:, None]
+            assert (output[i].double().reshape(8, -1) - expected).abs().max().item() <= TOLERANCE
+
+
+def test_adain_with_two_references_matches_spec() -> None:
+    torch.manual_seed(12)
+    x = torch.randn(2, 5, 24, 16) * 2 + 1  # (halves, images_per_half, tokens, channels): 2 references, 3 targets
+    weights = [3.0, 1.0]
+    output = AdaIN(reference_cache=ReferenceCache(weights))(x)
+    for half in range(2):
+        assert torch.equal(output[half, :2], x[half, :2])
+        for i in range(2, 5):
+            expected = spec.mixture_adain(x[half, i].double(), [x[half, 0].double(), x[half, 1].double()], weights)
+            assert (output[half, i].double() - expected).abs().max().item() <= TOLERANCE
