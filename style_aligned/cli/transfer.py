@@ -31,8 +31,8 @@ def run_transfer(args: argparse.Namespace) -> None:
     save_to: list[Path] = args.save_trajectories or []
     if not saved and (not images or len(images) != len(captions)):
         raise ValueError(
-            "give each reference as --image and --caption (one --caption per --image), or reuse inversions with"
-            f" --trajectory (got {len(images)} images and {len(captions)} captions)"
+            "give the reference as --image and --caption, or reuse an inversion with --trajectory (one --caption"
+            f" per --image; got {len(images)} images and {len(captions)} captions)"
         )
     if saved and images:
         raise ValueError("give the references as --image/--caption pairs or as --trajectory files, not both")

@@ -22,8 +22,6 @@ from style_aligned.pipeline.panorama import (
     view_offsets,
 )
 
-pytestmark = pytest.mark.slow
-
 REFERENCE, PROMPT = "a watercolor painting of a lake", "a mountain range at dawn"
 
 
@@ -63,6 +61,7 @@ def test_views_cover_the_canvas() -> None:
     assert view_offsets(8, 8, 4) == [0]
 
 
+@pytest.mark.slow
 def test_panorama_end_to_end_with_a_plain_reference(sd: StableDiffusion_1) -> None:
     events: list[ProgressEvent] = []
     solver = sd.solver
@@ -77,6 +76,7 @@ def test_panorama_end_to_end_with_a_plain_reference(sd: StableDiffusion_1) -> No
     assert np.abs(pixels(result.reference) - pixels(plain)).max() == 0
 
 
+@pytest.mark.slow
 def test_view_batch_does_not_change_the_panorama(sd: StableDiffusion_1) -> None:
     one = generate_panorama(sd, spec(view_batch=1))
     three = generate_panorama(sd, spec(view_batch=3))
@@ -84,6 +84,7 @@ def test_view_batch_does_not_change_the_panorama(sd: StableDiffusion_1) -> None:
     assert np.abs(pixels(one.reference) - pixels(three.reference)).max() == 0
 
 
+@pytest.mark.slow
 def test_views_are_averaged_as_refiners_multidiffusion_averages_them(sd: StableDiffusion_1) -> None:
     resolved = spec(view_batch=3).resolved(sd)
     conditioning = SetConditioning(sd, [REFERENCE, PROMPT], "", 64, 64)
@@ -111,6 +112,7 @@ def test_views_are_averaged_as_refiners_multidiffusion_averages_them(sd: StableD
     assert (ours - canvas).abs().max().item() > 0
 
 
+@pytest.mark.slow
 def test_panorama_command(sd1_converted: Path, tmp_path: Path) -> None:
     out = tmp_path / "panorama"
     arguments = ["panorama", "--model", str(sd1_converted), "--out", str(out), "--prompt", PROMPT, "--steps", "2"]
@@ -145,6 +147,7 @@ def test_panorama_command(sd1_converted: Path, tmp_path: Path) -> None:
         (["--image", "missing.png", "--caption", "x"], "does not exist"),
     ],
 )
+@pytest.mark.slow
 def test_panorama_command_errors(
     sd1_converted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
 ) -> None:

@@ -17,8 +17,6 @@ from style_aligned.pipeline.generate import SetSpec, generate_set
 from style_aligned.pipeline.transfer import TransferSpec, make_trajectory, transfer_set
 from tests.helpers import models
 
-pytestmark = pytest.mark.slow
-
 REFERENCES = ["a watercolor painting of a lake", "a pencil sketch of a tree"]
 TARGETS = ["a toy train", "a toy airplane", "a toy car"]
 
@@ -32,6 +30,7 @@ def pixels(images: list[Image.Image]) -> np.ndarray:
     return np.stack([np.asarray(image, dtype=np.int16) for image in images])
 
 
+@pytest.mark.slow
 def test_one_reference_in_the_list_is_todays_set(sd: StableDiffusion_1) -> None:
     single = generate_set(sd, SetSpec(prompts=TARGETS[:2], reference_prompt=REFERENCES[0], width=64, steps=2))
     listed = generate_set(
@@ -40,6 +39,7 @@ def test_one_reference_in_the_list_is_todays_set(sd: StableDiffusion_1) -> None:
     assert np.abs(pixels(single.images) - pixels(listed.images)).max() == 0
 
 
+@pytest.mark.slow
 def test_each_reference_is_its_plain_image_and_chunks_agree(sd: StableDiffusion_1) -> None:
     spec = SetSpec(prompts=TARGETS, reference_prompts=REFERENCES, reference_weights=[2.0, 1.0], width=64, steps=2)
     blended = generate_set(sd, spec)
@@ -60,6 +60,7 @@ def test_each_reference_is_its_plain_image_and_chunks_agree(sd: StableDiffusion_
     assert moved[0] == moved[1] == 0 and moved[2:].min() > 0
 
 
+@pytest.mark.slow
 def test_two_references_in_swap_mode(sd: StableDiffusion_1) -> None:
     style = StyleAlignedOptions(attention_mode="swap")
     spec = SetSpec(prompts=TARGETS[:2], reference_prompts=REFERENCES, width=64, steps=2, style=style)
@@ -78,12 +79,14 @@ def test_two_references_in_swap_mode(sd: StableDiffusion_1) -> None:
         ({"reference_prompts": []}, "at least one prompt"),
     ],
 )
+@pytest.mark.slow
 def test_bad_references_are_clear_errors(sd: StableDiffusion_1, changes: dict[str, Any], message: str) -> None:
     settings: dict[str, Any] = dict(prompts=TARGETS, reference_prompts=REFERENCES, width=64, steps=2)
     with pytest.raises(ValueError, match=message):
         generate_set(sd, SetSpec(**(settings | changes)))
 
 
+@pytest.mark.slow
 def test_generate_command_with_two_references(sd1_converted: Path, tmp_path: Path) -> None:
     out = tmp_path / "set"
     arguments = ["generate", "--model", str(sd1_converted), "--out", str(out), "--size", "64x64", "--steps", "2"]
@@ -106,15 +109,14 @@ def test_generate_command_with_two_references(sd1_converted: Path, tmp_path: Pat
     assert all((out / name).is_file() for name in sidecar["images"])
 
 
-def test_generate_command_checks_the_weights_first(
-    sd1_converted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_generate_command_checks_the_weights_first(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     arguments = ["generate", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o"), "--prompt", "p"]
     with pytest.raises(SystemExit) as exit_info:
         cli([*arguments, "--reference-prompt", "a", "--reference-prompt", "b", "--reference-weight", "1"])
     assert exit_info.value.code == 2 and "one --reference-weight per --reference-prompt" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_transfer_from_two_images(sd: StableDiffusion_1, sd1_converted: Path, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
@@ -143,6 +145,7 @@ def test_transfer_from_two_images(sd: StableDiffusion_1, sd1_converted: Path, tm
     assert len(sidecar["images"]) == 3 and all((out / name).is_file() for name in sidecar["images"])
 
 
+@pytest.mark.slow
 def test_swap_inject_and_eject_leave_the_unet_bit_identical(sd: StableDiffusion_1) -> None:
     unet = sd.unet
     inputs = models.unet_inputs(unet, batch_size=4)  # [uncond ref, uncond target | cond ref, cond target]
