@@ -57,7 +57,7 @@ class TransferSpec(SetSpec):
 
 def make_trajectory(sd: StableDiffusion, image: Image.Image, caption: str, spec: TransferSpec) -> ReferenceTrajectory:
     """Encode and invert a reference image for the sets of `spec` (its size, steps and fit)."""
-    spec = spec.resolved(sd)
+    spec = replace(spec, reference_prompts=None, reference_weights=None).resolved(sd)  # the image alone
     assert spec.width is not None and spec.height is not None
     latents = encode_image(sd, image, spec.width, spec.height, spec.fit)
     return invert(sd, latents, caption, ddim(sd, spec.steps), spec.inversion_guidance, spec.width, spec.height)

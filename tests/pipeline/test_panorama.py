@@ -79,7 +79,15 @@ def test_panorama_end_to_end_with_a_plain_reference(sd: StableDiffusion_1) -> No
 @pytest.mark.slow
 def test_view_batch_does_not_change_the_panorama(sd: StableDiffusion_1) -> None:
     one = generate_panorama(sd, spec(view_batch=1))
-    three = generate_panorama(sd, spec(view_batch=3))
+    rows: list[int] = []
+    hook = sd.unet.register_forward_pre_hook(lambda _, inputs: rows.append(inputs[0].shape[0]))
+    try:
+        three = generate_panorama(sd, spec(view_batch=3))
+        wider = generate_panorama(sd, spec(view_batch=3, width=512))
+    finally:
+        hook.remove()
+    assert wider.panorama.size == (512, 64) and len(wider.views) == 15
+    assert max(rows) == 2 * 3  # the U-Net sees at most `view_batch` views (with guidance), whatever the width
     assert np.abs(pixels(one.panorama) - pixels(three.panorama)).max() <= 1
     assert np.abs(pixels(one.reference) - pixels(three.reference)).max() == 0
 
