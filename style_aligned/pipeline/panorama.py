@@ -257,6 +257,7 @@ def generate_panorama(sd: StableDiffusion, spec: PanoramaSpec, progress: Progres
     """
     spec = spec.resolved(sd)
     assert spec.width is not None and spec.height is not None and spec.guidance is not None
+    adapter = StyleAlignedAdapter(sd.unet, spec.style)  # checks the layers first; nothing changes until injected
     trajectory = reference_trajectory(sd, spec) if spec.reference_image is not None else None
     view_height, view_width = spec.view_shape()
     conditioning = SetConditioning(
@@ -280,7 +281,6 @@ def generate_panorama(sd: StableDiffusion, spec: PanoramaSpec, progress: Progres
     if trajectory is not None:
         trajectory_latents = trajectory.latents.to(device=sd.device, dtype=sd.dtype)
         reference = trajectory_latents[spec.offset][None]
-    adapter = StyleAlignedAdapter(sd.unet, spec.style)
     cache = adapter.reference_cache
     position = {"step": 0}
 
