@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from refiners.foundationals.latent_diffusion import StableDiffusion_1
+from refiners.foundationals.latent_diffusion.multi_diffusion import DiffusionTarget, MultiDiffusion
 from refiners.foundationals.latent_diffusion.stable_diffusion_1.multi_diffusion import SD1MultiDiffusion
 
 from style_aligned import SharedAttentionAdapter, StyleAlignedAdapter
@@ -59,6 +60,41 @@ def test_views_cover_the_canvas() -> None:
     assert view_offsets(32, 8, 4) == [0, 4, 8, 12, 16, 20, 24]
     assert view_offsets(30, 8, 4) == [0, 4, 8, 12, 16, 20, 22]  # the last view flush with the end
     assert view_offsets(8, 8, 4) == [0]
+
+
+class StubModel:
+    """Stands for a model: denoises each view on its own (a fixed function of the view)."""
+
+    def __call__(self, x: torch.Tensor, step: int, *, condition_scale: float, **_: Any) -> torch.Tensor:
+        return x * 0.5 + x.mean(dim=(1, 2, 3), keepdim=True) * condition_scale + step
+
+
+class OneViewAtATime(MultiDiffusion[Any, DiffusionTarget]):
+    def diffuse_target(self, x: torch.Tensor, step: int, target: DiffusionTarget) -> torch.Tensor:
+        return self.ldm(x, step, condition_scale=target.condition_scale)
+
+
+@pytest.mark.parametrize("view_batch", [1, 2, 3, 7])
+@pytest.mark.parametrize(("width", "height", "stride"), [(256, 64, 32), (200, 120, 48), (64, 64, 8)])
+def test_batched_views_are_averaged_as_multidiffusion_does(
+    view_batch: int, width: int, height: int, stride: int
+) -> None:
+    resolved = PanoramaSpec(
+        prompt="", reference_prompt="", width=width, height=height, view_size=64, stride=stride, guidance=2.0
+    )
+    targets = panorama_targets(resolved, torch.zeros(2, 77, 8))
+    canvas = torch.randn(1, 4, height // 8, width // 8, generator=torch.Generator().manual_seed(0))
+    ours = StyleAlignedMultiDiffusion(ldm=StubModel(), conditioning=lambda _: {}, view_batch=view_batch)
+    theirs = OneViewAtATime(ldm=StubModel())
+    expected = theirs(canvas, noise=canvas, step=3, targets=targets)
+    # equal up to the float rounding of the stub's reduction over a batch
+    assert (ours(canvas, noise=canvas, step=3, targets=targets) - expected).abs().max().item() <= 1e-6
+    assert not torch.equal(expected, canvas)
+    covered = torch.zeros(height // 8, width // 8, dtype=torch.bool)
+    for target in targets:
+        top, left = target.offset
+        covered[top : top + target.size[0], left : left + target.size[1]] = True
+    assert bool(covered.all())  # every latent pixel is in some view
 
 
 @pytest.mark.slow
