@@ -26,10 +26,10 @@ def run_panorama(args: argparse.Namespace) -> None:
             raise ValueError("give the reference as --reference-prompt or as --image with --caption, not both")
         if not args.image.is_file():
             raise FileNotFoundError(f"the reference image {args.image} does not exist")
-    elif args.reference_prompt is None:
-        raise ValueError("give the reference as --reference-prompt, or as --image with --caption")
     elif args.caption is not None:
         raise ValueError("--caption describes a reference --image; without one, use --reference-prompt")
+    elif args.reference_prompt is None:
+        raise ValueError("give the reference as --reference-prompt, or as --image with --caption")
     reference_prompt = str(args.caption if args.image is not None else args.reference_prompt)  # checked above
     width, height = args.size or (None, None)
     base = StyleAlignedOptions.for_transfer() if args.image is not None else StyleAlignedOptions()
