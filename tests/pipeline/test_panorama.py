@@ -172,7 +172,19 @@ def test_panorama_command(sd1_converted: Path, tmp_path: Path) -> None:
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(image)
     inverted = tmp_path / "inverted"
     cli(
-        [*arguments[:4], str(inverted), *arguments[5:], "--image", str(image), "--caption", "noise", "--size", "128x64"]
+        [
+            *arguments[:4],
+            str(inverted),
+            *arguments[5:],
+            "--image",
+            str(image),
+            "--caption",
+            "noise",
+            "--size",
+            "128x64",
+            "--offset",
+            "1",
+        ]
     )
     sidecar = json.loads((inverted / "panorama.json").read_text())
     assert sidecar["reference_prompt"] == "noise" and sidecar["style"]["shared_score_shift"] == pytest.approx(

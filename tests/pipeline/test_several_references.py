@@ -14,7 +14,7 @@ from refiners.foundationals.latent_diffusion import StableDiffusion_1
 from style_aligned import StyleAlignedAdapter
 from style_aligned.cli import main as cli
 from style_aligned.options import StyleAlignedOptions
-from style_aligned.pipeline.generate import SetSpec, generate_set
+from style_aligned.pipeline.generate import SetConditioning, SetSpec, ddim, decode, generate_set, initial_noise
 from style_aligned.pipeline.transfer import TransferSpec, make_trajectory, transfer_set
 from tests.helpers import models
 
@@ -25,6 +25,20 @@ TARGETS = ["a toy train", "a toy airplane", "a toy car"]
 @pytest.fixture(scope="module")
 def sd(sd1_pipeline: StableDiffusion_1) -> StableDiffusion_1:
     return sd1_pipeline
+
+
+def plain_images(sd: StableDiffusion_1, prompts: list[str], noise: torch.Tensor) -> list[Image.Image]:
+    """The model's own images of prompts, without any adapter, denoised together with the sets' DDIM solver."""
+    conditioning = SetConditioning(sd, prompts, "", 64, 64)(list(range(len(prompts))))
+    solver, sd.solver = sd.solver, ddim(sd, 2)
+    try:
+        x = noise
+        with torch.no_grad():
+            for step in sd.steps:
+                x = sd(x, step, **conditioning, condition_scale=7.5)
+        return decode(sd, x)
+    finally:
+        sd.solver = solver
 
 
 def pixels(images: list[Image.Image]) -> np.ndarray:
@@ -45,18 +59,13 @@ def test_each_reference_is_its_plain_image_and_chunks_agree(sd: StableDiffusion_
     spec = SetSpec(prompts=TARGETS, reference_prompts=REFERENCES, reference_weights=[2.0, 1.0], width=64, steps=2)
     blended = generate_set(sd, spec)
     assert blended.prompts == REFERENCES + TARGETS and len(blended.images) == 5
-    # the same prompts and noise without any sharing: every image is the model's plain image of its prompt
-    plain = generate_set(
-        sd,
-        SetSpec(
-            prompts=REFERENCES + TARGETS,
-            width=64,
-            steps=2,
-            style=StyleAlignedOptions(only_self_level=1.0, share_group_norm=False),
-        ),
+    # each reference is identical to the plain model's image of its prompt (no adapter; the same noise and batch)
+    plain = plain_images(sd, REFERENCES, noise=initial_noise(spec.resolved(sd), 5, sd.device, sd.dtype)[:2])
+    assert np.abs(pixels(blended.images[:2]) - pixels(plain)).max() == 0
+    unshared = generate_set(
+        sd, SetSpec(prompts=REFERENCES + TARGETS, width=64, steps=2, style=StyleAlignedOptions(only_self_level=1.0))
     )
-    difference = np.abs(pixels(blended.images) - pixels(plain.images)).reshape(5, -1).max(axis=1)
-    assert difference[0] == 0 and difference[1] == 0  # each reference is identical to its plain image
+    difference = np.abs(pixels(blended.images) - pixels(unshared.images)).reshape(5, -1).max(axis=1)
     assert difference[2:].min() > 0  # the targets take the references' styles
     for chunk_size in (1, 2):
         chunked = generate_set(sd, SetSpec(**{**spec.__dict__, "chunk_size": chunk_size}))
@@ -127,7 +136,7 @@ def test_generate_command_checks_the_weights_first(tmp_path: Path, capsys: pytes
 def test_transfer_from_two_images(sd: StableDiffusion_1, sd1_converted: Path, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
-    spec = TransferSpec(prompts=TARGETS[:2], width=64, steps=2, reference_weights=[1.0, 2.0])
+    spec = TransferSpec(prompts=TARGETS[:2], width=64, steps=2, offset=1, reference_weights=[1.0, 2.0])
     trajectories = [
         make_trajectory(sd, image, caption, spec) for image, caption in zip(images, REFERENCES, strict=True)
     ]
@@ -143,6 +152,7 @@ def test_transfer_from_two_images(sd: StableDiffusion_1, sd1_converted: Path, tm
         image.save(path)
     out = tmp_path / "transfer"
     arguments = ["transfer", "--model", str(sd1_converted), "--out", str(out), "--size", "64x64", "--steps", "2"]
+    arguments += ["--offset", "1"]
     for path, caption in zip(paths, REFERENCES, strict=True):
         arguments += ["--image", str(path), "--caption", caption, "--reference-weight", "1"]
     cli([*arguments, "--prompt", TARGETS[0]])
