@@ -21,6 +21,7 @@ from style_aligned.layers.attention import (
     SharedScaledDotProductAttention,
     ShiftedScaledDotProductAttention,
 )
+from style_aligned.layers.reference_attention import ReferenceAttention
 from style_aligned.layers.reference_cache import ReferenceCache
 from style_aligned.layers.references import (
     AppendReferences,
@@ -50,6 +51,7 @@ __all__ = [
     "CheckBatchLayout",
     "GetReferences",
     "JointScaledDotProductAttention",
+    "ReferenceAttention",
     "ReferenceCache",
     "ReferenceRows",
     "ScaleReferences",

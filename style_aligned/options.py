@@ -19,6 +19,8 @@ ModelKind = Literal["sd1", "sdxl"]
 Block = Literal["down", "mid", "up"]
 """A block of the U-Net: its down blocks, its middle block or its up blocks."""
 BLOCKS: tuple[Block, ...] = get_args(Block)
+AttentionMode = Literal["concat", "swap"]
+"""How targets share a reference's self-attention: StyleAligned's concatenation, or Visual Style Prompting's swap."""
 
 
 def model_kind(model: fl.Module) -> ModelKind:
@@ -52,8 +54,12 @@ class StyleAlignedOptions:
         ```
     """
 
-    adain_queries: bool = _option(True, "AdaIN on the queries: match each image's query statistics to the reference's")
-    adain_keys: bool = _option(True, "AdaIN on the keys: match each image's key statistics to the reference's")
+    adain_queries: bool = _option(
+        True, "AdaIN on the queries: match each image's query statistics to the reference's (concat mode)"
+    )
+    adain_keys: bool = _option(
+        True, "AdaIN on the keys: match each image's key statistics to the reference's (concat mode)"
+    )
     adain_values: bool = _option(False, "AdaIN on the values too (stronger colour transfer, less diversity)")
     shared_score_scale: float = _option(
         1.0, "factor on the reference keys given to the targets (> 0; below 1 weakens the style)"
@@ -79,6 +85,12 @@ class StyleAlignedOptions:
     control_reference: bool = _option(
         False, "ControlNets, Control-LoRAs and T2I-Adapters also control the reference (by default it is left free)"
     )
+    attention_mode: AttentionMode = _option(
+        "concat",
+        "concat: targets attend to their own and the reference's tokens (StyleAligned); swap: target queries attend"
+        " to the reference's keys and values only, by default in the last decoder self-attention block (Visual Style"
+        " Prompting; no AdaIN, no shared GroupNorm by default)",
+    )
 
     def __post_init__(self) -> None:
         for name in ("shared_layers", "shared_blocks"):  # lists (from JSON or the command line) become tuples
@@ -93,6 +105,17 @@ class StyleAlignedOptions:
             raise ValueError(f"shared_score_scale must be a finite number > 0, got {scale}")
         if not math.isfinite(shift):
             raise ValueError(f"shared_score_shift must be a finite number, got {shift}")
+        if self.attention_mode not in get_args(AttentionMode):
+            raise ValueError(f"attention_mode must be concat or swap, got {self.attention_mode!r}")
+        if self.attention_mode == "swap":
+            swap_conflicts = {
+                "full_attention_share": self.full_attention_share,
+                "adain_values": self.adain_values,
+                "shared_score_scale": scale != 1.0,
+                "shared_score_shift": shift != 0.0,
+            }
+            if conflicts := [name for name, conflict in swap_conflicts.items() if conflict]:
+                raise ValueError(f"{', '.join(conflicts)} only apply with attention_mode='concat', not 'swap'")
         if self.full_attention_share and (scale != 1.0 or shift != 0.0):
             raise ValueError("shared_score_scale and shared_score_shift have no effect with full_attention_share=True")
         if not 0.0 <= self.only_self_level <= 1.0:
@@ -130,10 +153,11 @@ class StyleAlignedOptions:
         return dataclasses.replace(self, **changes)
 
     def resolved(self, kind: ModelKind) -> "StyleAlignedOptions":
-        """The options with the model kind's defaults filled in (the reference examples: SD1 shares GroupNorm)."""
+        """The options with the model kind's defaults filled in (the reference examples: SD1 shares GroupNorm in
+        concat mode; swap mode, as Visual Style Prompting, shares no GroupNorm)."""
         if self.share_group_norm is not None:
             return self
-        return dataclasses.replace(self, share_group_norm=kind == "sd1")
+        return dataclasses.replace(self, share_group_norm=kind == "sd1" and self.attention_mode == "concat")
 
     def to_dict(self) -> dict[str, Any]:
         """The options as JSON values (tuples as lists), for sidecars."""

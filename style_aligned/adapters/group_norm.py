@@ -7,6 +7,7 @@ from torch import Tensor
 
 from style_aligned.layers.batch_layout import by_half
 from style_aligned.layers.reference_cache import ReferenceCache
+from style_aligned.layers.reference_mixture import mixture_statistics
 
 
 class SharedGroupNormAdapter(fl.Chain, Adapter[fl.GroupNorm]):
@@ -16,7 +17,8 @@ class SharedGroupNormAdapter(fl.Chain, Adapter[fl.GroupNorm]):
     two maps were placed side by side): `mean = (mean_t + mean_r) / 2`, `var = (var_t + var_r) / 2 + ((mean_t -
     mean_r) / 2)^2`. They are computed in float32 from each image's own statistics, so the reference's statistics
     can be recorded once and the targets run in batches without it (see `ReferenceCache`). A reference paired with
-    itself keeps its statistics: reference images keep the plain GroupNorm output.
+    itself keeps its statistics: reference images keep the plain GroupNorm output. With several references, the
+    reference's statistics are those of the weighted mixture of the references (see `mixture_statistics`).
 
     A shared LayerNorm would be a numerical no-op (LayerNorm normalises each token on its own) and does not exist here.
 
@@ -52,16 +54,18 @@ class SharedGroupNormAdapter(fl.Chain, Adapter[fl.GroupNorm]):
         variance, mean = torch.var_mean(groups, dim=-1, keepdim=True, correction=0)
         per_half = self.reference_cache.images_per_half(x.shape[0], self.classifier_free_guidance)
         statistics = by_half(torch.cat([mean, variance], dim=-1), per_half)  # (halves, per_half, groups, 2)
-        references = self.reference_cache.references(self, statistics)  # (halves, 1, groups, 2)
-        first_target = 1 if self.reference_cache.batch_has_references else 0
-        if first_target == 1:
+        references = self.reference_cache.references(self, statistics)  # (halves, k, groups, 2)
+        first_target = self.reference_cache.num_references if self.reference_cache.batch_has_references else 0
+        if first_target > 0:
             output = norm(x)  # the references keep the plain output, computed exactly as without sharing
         else:
             output = torch.empty_like(x)
         if per_half == first_target:
             return output
         target_mean, target_variance = statistics[:, first_target:].chunk(2, dim=-1)
-        reference_mean, reference_variance = references.chunk(2, dim=-1)  # (halves, 1, groups, 1)
+        reference_mean, reference_variance = mixture_statistics(
+            references[..., :1], references[..., 1:], self.reference_cache.mixture_weights
+        )  # (halves, 1, groups, 1)
         joint_mean = (target_mean + reference_mean) / 2
         joint_variance = (target_variance + reference_variance) / 2 + ((target_mean - reference_mean) / 2) ** 2
         normed = (by_half(groups, per_half)[:, first_target:] - joint_mean) * torch.rsqrt(joint_variance + norm.eps)

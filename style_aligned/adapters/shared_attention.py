@@ -5,6 +5,7 @@ from refiners.fluxion.adapters.adapter import Adapter
 
 from style_aligned.layers.adain import AdaIN
 from style_aligned.layers.attention import JointScaledDotProductAttention, SharedScaledDotProductAttention
+from style_aligned.layers.reference_attention import ReferenceAttention
 from style_aligned.layers.reference_cache import ReferenceCache
 from style_aligned.layers.references import ReferenceRows, SplitHalves
 from style_aligned.options import StyleAlignedOptions
@@ -28,6 +29,10 @@ class SharedAttentionAdapter(fl.Chain, Adapter[fl.ScaledDotProductAttention]):
 
     The reference's output is its plain self-attention output: influence flows from the reference to the targets.
     With `full_attention_share`, every image attends to all images of its half instead, without AdaIN.
+
+    With several references (the reference cache's weights) or `attention_mode="swap"`, steps 2 and 3 are a
+    `ReferenceAttention`: the targets attend to the tokens of every reference, each with its log-weight, after their
+    own (`concat`), or to the references' tokens only, without AdaIN (`swap`, Visual Style Prompting).
 
     Receives:
         Query (Float[Tensor, "batch tokens embedding_dim"]):
@@ -57,6 +62,8 @@ class SharedAttentionAdapter(fl.Chain, Adapter[fl.ScaledDotProductAttention]):
         cfg = classifier_free_guidance
         cache = reference_cache
         self.full_attention_share = options.full_attention_share
+        if options.full_attention_share and cache.num_references > 1:
+            raise ValueError("full_attention_share works with one reference, got several")
         layers: list[fl.Module] = (
             [
                 # (queries, keys, values): (batch, tokens, channels) each
@@ -65,6 +72,8 @@ class SharedAttentionAdapter(fl.Chain, Adapter[fl.ScaledDotProductAttention]):
                 ),
             ]
             if options.full_attention_share
+            else reference_attention_layers(target, options, cfg, cache)
+            if options.attention_mode == "swap" or cache.num_references > 1
             else [
                 # (queries, keys, values): (batch, tokens, channels) each
                 fl.Distribute(SplitHalves(cfg, cache), SplitHalves(cfg, cache), SplitHalves(cfg, cache)),
@@ -98,19 +107,47 @@ class SharedAttentionAdapter(fl.Chain, Adapter[fl.ScaledDotProductAttention]):
     @property
     def shared_score_scale(self) -> float:
         """The factor on the reference keys given to the targets."""
-        attention = self.find(SharedScaledDotProductAttention)
+        attention = self.find(SharedScaledDotProductAttention) or self.find(ReferenceAttention)
         return 1.0 if attention is None else attention.scale
 
     @shared_score_scale.setter
     def shared_score_scale(self, value: float) -> None:
-        self.ensure_find(SharedScaledDotProductAttention).scale = value
+        attention = self.find(SharedScaledDotProductAttention) or self.ensure_find(ReferenceAttention)
+        attention.scale = value
 
     @property
     def shared_score_shift(self) -> float:
         """The constant added to the attention logits of the reference tokens."""
-        attention = self.find(SharedScaledDotProductAttention)
+        attention = self.find(SharedScaledDotProductAttention) or self.find(ReferenceAttention)
         return 0.0 if attention is None else attention.shift
 
     @shared_score_shift.setter
     def shared_score_shift(self, value: float) -> None:
-        self.ensure_find(SharedScaledDotProductAttention).shift = value
+        attention = self.find(SharedScaledDotProductAttention) or self.ensure_find(ReferenceAttention)
+        attention.shift = value
+
+
+def reference_attention_layers(
+    target: fl.ScaledDotProductAttention, options: StyleAlignedOptions, cfg: bool, cache: ReferenceCache
+) -> list[fl.Module]:
+    """The layers of shared attention over several references, or of swapped attention (see `ReferenceAttention`)."""
+    concat = options.attention_mode == "concat"
+    return [
+        # (queries, keys, values): (batch, tokens, channels) each
+        fl.Distribute(SplitHalves(cfg, cache), SplitHalves(cfg, cache), SplitHalves(cfg, cache)),
+        # (queries, keys, values): (halves, images_per_half, tokens, channels) each, views
+        fl.Distribute(
+            _adain(concat and options.adain_queries, cache),
+            _adain(concat and options.adain_keys, cache),
+            _adain(concat and options.adain_values, cache),
+        ),
+        ReferenceAttention(
+            target.num_heads,
+            mode=options.attention_mode,
+            scale=options.shared_score_scale,
+            shift=options.shared_score_shift,
+            slice_size=target.slice_size,
+            reference_cache=cache,
+        ),
+        # (batch, tokens, channels)
+    ]

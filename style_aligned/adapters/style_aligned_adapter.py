@@ -1,5 +1,6 @@
 """StyleAligned for a whole U-Net: shared attention in its self-attention layers, optionally shared GroupNorm."""
 
+from collections.abc import Sequence
 from typing import Generic, TypeVar
 
 import refiners.fluxion.layers as fl
@@ -50,6 +51,7 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
         options: StyleAlignedOptions | None = None,
         *,
         classifier_free_guidance: bool = True,
+        reference_weights: Sequence[float] = (1.0,),
     ) -> None:
         """Initialize the adapter; nothing is changed in the U-Net until `inject`.
 
@@ -58,10 +60,13 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
             options: How the images share the reference's style (default: `StyleAlignedOptions()`); options left
                 to the model kind (`share_group_norm`) take the reference implementation's example for this U-Net.
             classifier_free_guidance: Whether the batch is an unconditional half followed by a conditional half.
+            reference_weights: One relative weight per reference: with `k` weights, the first `k` images of each
+                half are references, and the targets attend to all of them (see `ReferenceCache.mixture_weights`).
 
         Raises:
             TypeError: If the target is not a U-Net with self-attention layers.
-            ValueError: If a shared layer index is out of range for this U-Net.
+            ValueError: If a shared layer index is out of range for this U-Net, a reference weight is not a number
+                > 0, or full attention share is asked with several references.
             RuntimeError: If StyleAligned is already injected in the U-Net.
         """
         unet = check_unet(target)
@@ -69,7 +74,7 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
         self.options = (options or StyleAlignedOptions()).resolved(model_kind(unet))
         """The effective options (see `StyleAlignedOptions`); score scale and shift can be changed while injected."""
         self.classifier_free_guidance = classifier_free_guidance
-        self.reference_cache = ReferenceCache()
+        self.reference_cache = ReferenceCache(reference_weights)
         """Where the shared layers find the references: the batch by default, or a recording (see `ReferenceCache`)."""
         self._injected = False
 

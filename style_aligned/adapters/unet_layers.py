@@ -114,6 +114,22 @@ def registration_order(layers: list[SelfAttentionLayer]) -> list[SelfAttentionLa
     return [layer for block in ("down", "up", "mid") for layer in layers if layer.block == block]
 
 
+def swap_layers(layers: list[SelfAttentionLayer]) -> list[SelfAttentionLayer]:
+    """The default layers of swap mode: the decoder's self-attention layers at its highest resolution with attention.
+
+    Visual Style Prompting (arXiv 2402.12974) swaps self-attention in the late decoder layers only; the authors'
+    code (naver-ai/Visual-Style-Prompting, `config/*.json`: `activate_layer_indices_list` `[[0, 0], [128, 140]]` of
+    SDXL's 140 attention processors) swaps the 6 self-attention layers of diffusers' `up_blocks.1`, the last up
+    block with attention (running indices 64 to 69 of 70). The same rule on SD1 gives the 3 self-attention layers of
+    `up_blocks.3` (running indices 13 to 15 of 16): the up-block layers of the smallest width.
+    """
+    up = [layer for layer in layers if layer.block == "up"]
+    if not up:
+        return []
+    width = min(layer.layer.embedding_dim for layer in up)
+    return [layer for layer in up if layer.layer.embedding_dim == width]
+
+
 def select_shared_layers(layers: list[SelfAttentionLayer], options: StyleAlignedOptions) -> list[SelfAttentionLayer]:
     """Choose the self-attention layers to share, by level, by index or by block (the options allow one way).
 
@@ -121,7 +137,8 @@ def select_shared_layers(layers: list[SelfAttentionLayer], options: StyleAligned
         layers: All self-attention layers of the U-Net, as given by `self_attention_layers` (running order).
         options: `only_self_level` spreads the unshared layers evenly over the layers counted in diffusers'
             registration order (see `registration_order`), as the reference implementation does; `shared_layers`
-            are indices in running order; `shared_blocks` names U-Net blocks.
+            are indices in running order; `shared_blocks` names U-Net blocks. In swap mode, without another
+            choice, the layers of `swap_layers`.
 
     Returns:
         The layers to share, in running order.
@@ -138,6 +155,8 @@ def select_shared_layers(layers: list[SelfAttentionLayer], options: StyleAligned
         return [layer for layer in layers if layer.index in indices]
     if options.shared_blocks is not None:
         return [layer for layer in layers if layer.block in options.shared_blocks]
+    if options.attention_mode == "swap" and options.only_self_level == 0:
+        return swap_layers(layers)
     ordered = registration_order(layers)
     level = options.only_self_level
     unshared = {layer.index for layer, off in zip(ordered, unshared_by_level(len(ordered), level), strict=True) if off}

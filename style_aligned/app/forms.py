@@ -23,7 +23,7 @@ SET_CONTROLS: tuple[str, ...] = ("negative_prompt", "seed", "steps", "guidance",
 """The set options on the page, by the destination of their flag (`--chunk-size` is `chunk_size`)."""
 STYLE_CONTROLS: tuple[str, ...] = StyleAlignedOptions.names()
 """The StyleAligned options on the page: all of them."""
-TRANSFER_CONTROLS: tuple[str, ...] = ("caption", "fit", "offset", "inversion_guidance")
+TRANSFER_CONTROLS: tuple[str, ...] = ("captions", "fit", "offset", "inversion_guidance")
 """The options of a reference image on the page."""
 SWITCH = {"default": None, "on": True, "off": False}
 """The values of an on/off option whose default is left to the command or the model."""

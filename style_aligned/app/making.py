@@ -198,10 +198,11 @@ def make_transfer_set(
     from style_aligned.pipeline.set_files import SIDECAR, set_title, sidecar, write_json
     from style_aligned.pipeline.transfer import make_trajectory, transfer_set
 
+    caption: str = args.captions[0]
     spec = transfer_spec(args).resolved(sd)
-    prompts = [args.caption, *spec.prompts]
+    prompts = [caption, *spec.prompts]
     digest = hashlib.sha256(upload.read_bytes()).hexdigest()
-    key = (digest, args.caption, spec.steps, spec.width, spec.height, spec.fit, spec.inversion_guidance)
+    key = (digest, caption, spec.steps, spec.width, spec.height, spec.fit, spec.inversion_guidance)
     parts_work = sum(part_work(spec, len(prompts), part) for part in _parts(len(prompts), spec.chunk_size))
     reuse = memory.key == key and memory.file is not None and memory.file.is_file()
     total = parts_work + (0 if reuse else spec.steps)
@@ -215,17 +216,18 @@ def make_transfer_set(
             job.check()
 
         job.update(text="inverting the reference image", total=total)
-        trajectory = make_trajectory(sd, image, args.caption, spec, progress=inverted)
-    folder = new_set_folder(out, f"transfer {args.caption}")
-    args.image = keep_upload(upload, folder)
+        trajectory = make_trajectory(sd, image, caption, spec, progress=inverted)
+    folder = new_set_folder(out, f"transfer {caption}")
+    args.images = [keep_upload(upload, folder)]
     if reuse:
-        args.trajectory = memory.file
+        args.trajectories = [memory.file]
     else:
-        args.save_trajectory = folder / TRAJECTORY_FILE
-        trajectory.save(args.save_trajectory)
-        memory.key, memory.trajectory, memory.file = key, trajectory, args.save_trajectory
+        saved = folder / TRAJECTORY_FILE
+        args.save_trajectories = [saved]
+        trajectory.save(saved)
+        memory.key, memory.trajectory, memory.file = key, trajectory, saved
         memory.count += 1
-    write_json(folder / SIDECAR, sidecar("transfer", spec, prompts, **transfer_details(args, trajectory)))
+    write_json(folder / SIDECAR, sidecar("transfer", spec, prompts, **transfer_details(args, [trajectory])))
 
     def run_part(part: list[int], report: Any, preview: Any) -> GeneratedSet:
         return transfer_set(sd, trajectory, spec, progress=report, images=part, preview=preview)

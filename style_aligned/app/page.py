@@ -112,7 +112,7 @@ def build_page(studio: Studio, settings: PageSettings) -> gr.Blocks:
                 prompts = gr.Textbox(label="Prompts, one per line", lines=5, elem_id="prompts")
                 reference = gr.Radio(list(REFERENCES), value=REFERENCES[0], label="Reference", elem_id="reference")
                 with gr.Group(visible=False) as reference_prompt_group:
-                    reference_prompt = widget(control("generate", "reference_prompt"))
+                    reference_prompt = widget(control("generate", "reference_prompts"))
                 with gr.Group(visible=False) as upload_group:
                     upload = gr.File(label="Reference image", file_types=["image"], elem_id="upload")
                     upload_preview = gr.Image(label="Uploaded image", interactive=False, elem_id="upload-preview")
@@ -157,20 +157,29 @@ def build_page(studio: Studio, settings: PageSettings) -> gr.Blocks:
                         contact_sheet = gr.Image(label="Contact sheet", interactive=False, elem_id="contact-sheet")
                         sweep_download = gr.File(label="The sweep, zipped", interactive=False, elem_id="sweep-download")
 
-        values = {**set_inputs, **style_inputs, **transfer_inputs, "reference_prompt": reference_prompt}
-        inputs: set[Block] = {prompts, reference, upload, lora_text, memory, *values.values()}
+        values = {**set_inputs, **style_inputs, **transfer_inputs}
+        inputs: set[Block] = {prompts, reference, upload, lora_text, memory, reference_prompt, *values.values()}
 
         def page_args(data: dict[Any, Any], command: Command, **given: Any) -> Any:
             lines = prompt_lines(data[prompts])
             if not lines:
                 raise ValueError("no prompt: write at least one prompt, one per line")
             page_values = {name: data[component] for name, component in values.items()}
-            if data[reference] != REFERENCES[1]:
-                page_values["reference_prompt"] = None
-            elif not (page_values["reference_prompt"] or "").strip():
-                raise ValueError("no reference prompt: write one, or choose the first prompt as the reference")
+            references = None
+            if data[reference] == REFERENCES[1]:
+                if not (text := (data[reference_prompt] or "").strip()):
+                    raise ValueError("no reference prompt: write one, or choose the first prompt as the reference")
+                references = [text]
             loras = lora_arguments(data[lora_text], settings.lora_dir)
-            return command_args(command, page_values, prompts=lines, lora=loras or None, model=settings.model, **given)
+            return command_args(
+                command,
+                page_values,
+                prompts=lines,
+                reference_prompts=references,
+                lora=loras or None,
+                model=settings.model,
+                **given,
+            )
 
         def set_work(data: dict[Any, Any]) -> Callable[[Job, Any], None]:
             if data[reference] != REFERENCES[2]:
@@ -178,10 +187,12 @@ def build_page(studio: Studio, settings: PageSettings) -> gr.Blocks:
                 return lambda job, sd: make_generate_set(job, sd, args, settings.out)
             if not data[upload]:
                 raise ValueError("no reference image: upload one, or choose a prompt as the reference")
-            args = page_args(data, "transfer")
-            if not (args.caption or "").strip():
-                raise ValueError("no caption: describe the reference image in a few words")
             path = Path(data[upload])
+            args = page_args(data, "transfer", images=[path])
+            caption = str(args.captions or "").strip()
+            if not caption:
+                raise ValueError("no caption: describe the reference image in a few words")
+            args.captions = [caption]
             image = read_upload(path, uploads=settings.uploads, max_bytes=settings.max_upload_bytes)
             memory_value: Inversions = data[memory]
             return lambda job, sd: make_transfer_set(

@@ -8,6 +8,7 @@ from style_aligned.cli.batch import add_batch_command
 from style_aligned.cli.convert import add_convert_command
 from style_aligned.cli.evaluate import add_evaluate_command
 from style_aligned.cli.generate import add_generate_command
+from style_aligned.cli.panorama import add_panorama_command
 from style_aligned.cli.sweep import add_sweep_command
 from style_aligned.cli.transfer import add_transfer_command
 from style_aligned.extras import MissingExtraError
@@ -25,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_command(subparsers.add_parser("convert", help="convert diffusers SD1/SDXL weights to Refiners weights"))
     add_generate_command(subparsers.add_parser("generate", help="generate a style-consistent set of images"))
     add_transfer_command(subparsers.add_parser("transfer", help="generate a set in the style of a real image"))
+    add_panorama_command(
+        subparsers.add_parser("panorama", help="generate a wide panorama in the style of a reference image")
+    )
     add_evaluate_command(
         subparsers.add_parser("evaluate", help="score sets: CLIP text alignment and DINO set consistency")
     )

@@ -29,9 +29,17 @@ def generate_spec(args: argparse.Namespace) -> "SetSpec":
     """
     from style_aligned.pipeline.generate import SetSpec
 
+    references: list[str] = args.reference_prompts or []
+    weights: list[float] | None = args.reference_weights
+    if weights is not None and len(weights) != len(references):
+        raise ValueError(
+            f"give one --reference-weight per --reference-prompt: {len(weights)} for {len(references)} references"
+        )
     spec = SetSpec(
         **set_fields(args),
-        reference_prompt=args.reference_prompt,
+        reference_prompt=references[0] if len(references) == 1 else None,
+        reference_prompts=references if len(references) > 1 else None,
+        reference_weights=weights,
         style=StyleAlignedOptions.from_dict(style_options(args)),
     )
     spec.check()
@@ -59,11 +67,26 @@ def run_generate(args: argparse.Namespace) -> None:
 def add_generate_command(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Generate a style-consistent set: the first image (--reference-prompt, or the first --prompt) is the"
-        " reference, the others share its style. Writes one PNG per image, a labelled grid.png and set.json."
+        " reference, the others share its style (with several --reference-prompt, they blend the references'"
+        " styles). Writes one PNG per image, a labelled grid.png and set.json."
     )
     add_model_options(parser)
     add_set_options(parser)
-    parser.add_argument("--reference-prompt", help="prompt of an extra reference image placed first")
+    parser.add_argument(
+        "--reference-prompt",
+        dest="reference_prompts",
+        action="append",
+        metavar="PROMPT",
+        help="prompt of an extra reference image placed first; repeat to blend the styles of several references",
+    )
+    parser.add_argument(
+        "--reference-weight",
+        dest="reference_weights",
+        type=float,
+        action="append",
+        metavar="W",
+        help="relative weight of each --reference-prompt, in order (default: equal); a log-weight on its logits",
+    )
     add_style_options(parser)
     add_extras_options(parser)
     parser.set_defaults(command=run_generate)

@@ -263,7 +263,9 @@ def write_set(
             generated = make(bar)
         finally:
             bar.close()
-        write_set_images(folder, generated.images, generated.prompts, title=title)
+        write_set_images(
+            folder, generated.images, generated.prompts, title=title, num_references=generated.spec.num_references()
+        )
         if replacing:
             old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")
             os.replace(out, old)

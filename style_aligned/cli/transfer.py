@@ -1,7 +1,8 @@
-"""`style-aligned transfer`: a set in the style of a real image."""
+"""`style-aligned transfer`: a set in the style of a real image (or a blend of several)."""
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,33 @@ if TYPE_CHECKING:
     from style_aligned.pipeline.transfer import TransferSpec
 
 
-def transfer_spec(args: argparse.Namespace, trajectory: "ReferenceTrajectory | None" = None) -> "TransferSpec":
+def reference_count(args: argparse.Namespace) -> int:
+    """The number of references that `transfer`'s options give (images with captions, or saved inversions).
+
+    Raises:
+        ValueError: If the references are not given in one way, or their options do not pair up.
+    """
+    images: list[Path] = args.images or []
+    captions: list[str] = args.captions or []
+    saved: list[Path] = args.trajectories or []
+    save_to: list[Path] = args.save_trajectories or []
+    if not saved and (not images or len(images) != len(captions)):
+        raise ValueError(
+            "give the reference as --image and --caption, or reuse an inversion with --trajectory (one --caption"
+            f" per --image; got {len(images)} images and {len(captions)} captions)"
+        )
+    if saved and images:
+        raise ValueError("give the references as --image/--caption pairs or as --trajectory files, not both")
+    if save_to and len(save_to) != len(images):
+        raise ValueError(f"give one --save-trajectory per --image: {len(save_to)} for {len(images)} images")
+    count = len(saved) or len(images)
+    weights: list[float] | None = args.reference_weights
+    if weights is not None and len(weights) != count:
+        raise ValueError(f"give one --reference-weight per reference: {len(weights)} for {count} references")
+    return count
+
+
+def transfer_spec(args: argparse.Namespace, first: "ReferenceTrajectory | None" = None) -> "TransferSpec":
     """The set that `transfer` makes from its options; size and steps default to those of a reused inversion.
 
     Everything that can be checked without the model is checked.
@@ -37,10 +64,13 @@ def transfer_spec(args: argparse.Namespace, trajectory: "ReferenceTrajectory | N
     from style_aligned.pipeline.transfer import TransferSpec, check_transfer_solver
 
     check_transfer_solver(args.solver, args.timestep_spacing)
-    width, height = args.size or ((trajectory.width, trajectory.height) if trajectory else (None, None))
-    steps = args.steps or (len(trajectory.timesteps) if trajectory else 50)
+    count = reference_count(args)
+    width, height = args.size or ((first.width, first.height) if first else (None, None))
+    steps = args.steps or (len(first.timesteps) if first else 50)
     spec = TransferSpec(
         prompts=args.prompts,
+        reference_prompts=[f"reference {i + 1}" for i in range(count)] if count > 1 else None,
+        reference_weights=args.reference_weights,
         negative_prompt=args.negative_prompt,
         seed=args.seed,
         steps=steps,
@@ -60,13 +90,18 @@ def transfer_spec(args: argparse.Namespace, trajectory: "ReferenceTrajectory | N
     return spec
 
 
-def transfer_details(args: argparse.Namespace, trajectory: "ReferenceTrajectory") -> dict[str, Any]:
-    """What a transfer set's sidecar adds to its settings: the model, the image, its caption and its inversion."""
+def transfer_details(args: argparse.Namespace, trajectories: "list[ReferenceTrajectory]") -> dict[str, Any]:
+    """What a transfer set's sidecar adds to its settings: the model, the images, their captions and inversions."""
+    images: list[Path] = args.images or []
+    files: list[Path] = args.trajectories or args.save_trajectories or []
+    single = len(trajectories) == 1
     return {
         "model": str(args.model),
-        "image": str(args.image) if args.image else None,
-        "caption": trajectory.caption,
-        "trajectory": str(args.trajectory or args.save_trajectory or "") or None,
+        "image": str(images[0]) if single and images else None,
+        "caption": trajectories[0].caption if single else None,
+        "trajectory": str(files[0]) if single and files else None,
+        "reference_images": [str(path) for path in images] or None,
+        "reference_trajectories": [str(path) for path in files] or None,
     }
 
 
@@ -74,10 +109,13 @@ def read_image(path: Path) -> "Image.Image":
     """Read a reference image.
 
     Raises:
+        FileNotFoundError: If it does not exist.
         ValueError: If Pillow cannot read it.
     """
     from PIL import Image, UnidentifiedImageError
 
+    if not path.is_file():
+        raise FileNotFoundError(f"the reference image {path} does not exist")
     try:
         image = Image.open(path)
         image.load()
@@ -91,31 +129,35 @@ def run_transfer(args: argparse.Namespace) -> None:
     from style_aligned.pipeline.set_files import set_title, sidecar
     from style_aligned.pipeline.transfer import make_trajectory, transfer_set
 
-    if args.trajectory is None and (args.image is None or args.caption is None):
-        raise ValueError("give the reference as --image and --caption, or reuse an inversion with --trajectory")
-    trajectory = ReferenceTrajectory.load(args.trajectory) if args.trajectory else None
-    spec = transfer_spec(args, trajectory)
-    image_path: Path | None = args.image
-    if trajectory is None and image_path is not None and not image_path.is_file():
-        raise FileNotFoundError(f"the reference image {image_path} does not exist")
-    image = read_image(args.image) if trajectory is None else None  # checked before the model is loaded
+    reference_count(args)
+    saved: list[Path] = args.trajectories or []
+    images: list[Path] = args.images or []
+    trajectories = [ReferenceTrajectory.load(path) for path in saved]
+    spec = transfer_spec(args, trajectories[0] if trajectories else None)
+    pictures = [read_image(path) for path in images]  # checked before the model is loaded
     check_out(args.out, args.overwrite)
     check_files(args)
     sd = load_model(args)
     spec = spec.resolved(sd)
-    if trajectory is None:
-        assert image is not None
-        print(f"inverting {args.image} ({spec.steps} DDIM steps)", file=sys.stderr)
-        trajectory = make_trajectory(sd, image, args.caption, spec)
-        if args.save_trajectory:
-            trajectory.save(args.save_trajectory)
-            print(f"saved the inversion to {args.save_trajectory}", file=sys.stderr)
-    prompts = [trajectory.caption, *spec.prompts]
-    reference = trajectory
+    save_to: list[Path] = args.save_trajectories or []
+    for index, (path, picture, caption) in enumerate(
+        zip(args.images or [], pictures, args.captions or [], strict=True)
+    ):
+        print(f"inverting {path} ({spec.steps} DDIM steps)", file=sys.stderr)
+        trajectory = make_trajectory(sd, picture, caption, spec)
+        if save_to:
+            trajectory.save(save_to[index])
+            print(f"saved the inversion to {save_to[index]}", file=sys.stderr)
+        trajectories.append(trajectory)
+    references = [trajectory.caption for trajectory in trajectories]
+    several = len(references) > 1
+    spec = replace(
+        spec, reference_prompts=references if several else None, reference_prompt=None if several else references[0]
+    )
     write_set(
         args.out,
-        lambda bar: transfer_set(sd, reference, spec, progress=bar),
-        sidecar("transfer", spec, prompts, **transfer_details(args, trajectory)),
+        lambda bar: transfer_set(sd, trajectories, spec, progress=bar),
+        sidecar("transfer", spec, spec.image_prompts(), **transfer_details(args, trajectories)),
         title=set_title("transfer", spec.seed),
         overwrite=args.overwrite,
     )
@@ -131,13 +173,44 @@ def add_transfer_command(parser: argparse.ArgumentParser) -> None:
     add_set_options(parser)
     parser.set_defaults(steps=None)
     group = parser.add_argument_group("reference image")
-    group.add_argument("--image", type=Path, metavar="REF", help="the style reference (any image Pillow reads)")
-    group.add_argument("--caption", help="a caption of the reference image (its prompt in the set)")
+    group.add_argument(
+        "--image",
+        dest="images",
+        type=Path,
+        action="append",
+        metavar="REF",
+        help="the style reference (any image Pillow reads); repeat, each with its --caption, to blend several",
+    )
+    group.add_argument(
+        "--caption", dest="captions", action="append", help="a caption of the reference image (its prompt in the set)"
+    )
+    group.add_argument(
+        "--reference-weight",
+        dest="reference_weights",
+        type=float,
+        action="append",
+        metavar="W",
+        help="relative weight of each reference, in order (default: equal); a log-weight on its logits",
+    )
     group.add_argument("--fit", choices=["crop", "resize"], default="crop", help="cover and crop, or stretch")
     group.add_argument("--offset", type=int, default=5, help="trajectory index the reference starts from (default: 5)")
     group.add_argument("--inversion-guidance", type=float, default=2.0, help="guidance of the inversion (default: 2)")
-    group.add_argument("--save-trajectory", type=Path, metavar="FILE", help="save the inversion (.safetensors)")
-    group.add_argument("--trajectory", type=Path, metavar="FILE", help="reuse a saved inversion instead of --image")
+    group.add_argument(
+        "--save-trajectory",
+        dest="save_trajectories",
+        type=Path,
+        action="append",
+        metavar="FILE",
+        help="save the inversion (.safetensors; one per --image)",
+    )
+    group.add_argument(
+        "--trajectory",
+        dest="trajectories",
+        type=Path,
+        action="append",
+        metavar="FILE",
+        help="reuse a saved inversion instead of --image (repeat for several references)",
+    )
     add_style_options(parser)
     add_extras_options(parser)
     parser.set_defaults(command=run_transfer)

@@ -288,7 +288,13 @@ def run_sweep(
         sweep = {"index": index + 1, "count": len(specs), **entry}
         write_json(folder / SIDECAR, sidecar("generate", setting_spec, prompts, **(details or {}), sweep=sweep))
         generated = generate_set(sd, setting_spec, progress=_offset(progress, index, len(specs)))
-        write_set_images(folder, generated.images, prompts, title=f"{entry['label']}, seed {spec.seed}")
+        write_set_images(
+            folder,
+            generated.images,
+            prompts,
+            title=f"{entry['label']}, seed {spec.seed}",
+            num_references=setting_spec.num_references(),
+        )
         rows.append(generated.images)
     columns = [f"reference: {prompts[0]}", *prompts[1:]]
     save_png(contact_sheet(rows, [f"{n}. {label}" for n, label in enumerate(labels, 1)], columns), out / CONTACT_SHEET)

@@ -6,6 +6,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from style_aligned.layers.reference_cache import ReferenceCache
+from style_aligned.layers.reference_mixture import mixture_statistics
 
 
 class AdaIN(fl.Module):
@@ -13,6 +14,10 @@ class AdaIN(fl.Module):
 
     `adain(x) = (x - mean(x)) / std(x) * std(ref(x)) + mean(ref(x))`, with mean and standard deviation over the
     token axis, per channel, and `std = sqrt(unbiased variance + epsilon)`. The reference maps onto itself.
+
+    With several references (see `ReferenceCache.mixture_weights`), `mean(ref(x))` and the variance under
+    `std(ref(x))` are those of the weighted mixture of the references (see `mixture_statistics`), and the references
+    map onto themselves.
 
     See [[arXiv:1703.06868] Arbitrary Style Transfer in Real-time with Adaptive Instance Normalization](
     https://arxiv.org/abs/1703.06868) and [[arXiv:2312.02133] Style Aligned Image Generation via Shared Attention](
@@ -44,9 +49,18 @@ class AdaIN(fl.Module):
         correction = 1 if x.shape[-2] > 1 else 0
         variance, mean = torch.var_mean(x, dim=-2, keepdim=True, correction=correction)  # (halves, per_half, 1, C)
         std = (variance + self.epsilon).sqrt()
-        references = self.reference_cache.references(self, torch.cat([mean, std], dim=-2))  # (halves, 1, 2, C)
-        reference_mean, reference_std = references.chunk(2, dim=-2)
+        cache = self.reference_cache
+        references = cache.references(self, torch.cat([mean, variance], dim=-2))  # (halves, k, 2, C)
+        reference_mean, reference_variance = mixture_statistics(
+            references[:, :, :1], references[:, :, 1:], cache.mixture_weights
+        )
+        reference_std = (reference_variance + self.epsilon).sqrt()  # (halves, 1, 1, C)
         # x * (ref_std / std) + (ref_mean - mean * ref_std / std): the reference rows get factor 1 and offset 0 exactly.
         factor = reference_std / std
         offset = reference_mean - mean * factor
+        if cache.num_references > 1 and cache.batch_has_references:  # each reference maps onto itself
+            count = cache.num_references
+            factor, offset = factor.expand_as(mean), offset.expand_as(mean)  # (halves, per_half, 1, C)
+            factor = torch.cat([torch.ones_like(factor[:, :count]), factor[:, count:]], dim=1)
+            offset = torch.cat([torch.zeros_like(offset[:, :count]), offset[:, count:]], dim=1)
         return torch.addcmul(offset, x, factor)

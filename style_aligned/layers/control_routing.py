@@ -44,7 +44,7 @@ class RemoveReferenceControl(fl.ContextModule):
             return x
         per_half = self.reference_cache.images_per_half(x.shape[0], self.classifier_free_guidance)
         keep = torch.ones(x.shape[0] // per_half, per_half, device=x.device, dtype=x.dtype)
-        keep[:, 0] = 0.0  # the reference rows
+        keep[:, : self.reference_cache.num_references] = 0.0  # the reference rows
         keep = keep.flatten()
         residuals: list[Any] = self.use_context("unet")["residuals"]
         for index, residual in enumerate(residuals):

@@ -15,6 +15,7 @@ from refiners.foundationals.latent_diffusion.stable_diffusion_xl.lcm import SDXL
 from torch import Tensor
 
 from style_aligned.adapters.style_aligned_adapter import StyleAlignedAdapter
+from style_aligned.layers.reference_cache import mixture_weights
 from style_aligned.options import ModelKind, StyleAlignedOptions, model_kind
 from style_aligned.pipeline.composition import Composition, ControlSpec, Extras, IPAdapterSpec, LoraSpec
 from style_aligned.pipeline.solvers import (
@@ -69,8 +70,11 @@ class SetSpec:
     """A style-consistent set to generate.
 
     Attributes:
-        prompts: One prompt per image. Without `reference_prompt`, the first is the reference.
+        prompts: One prompt per image. Without `reference_prompt` or `reference_prompts`, the first is the reference.
         reference_prompt: The prompt of an extra reference image placed before the others.
+        reference_prompts: The prompts of several reference images placed before the others, whose styles the
+            targets blend (instead of `reference_prompt`).
+        reference_weights: One relative weight per reference (default: equal); see `ReferenceCache.mixture_weights`.
         negative_prompt: The negative prompt of every image.
         seed: The seed of the initial noise (image `i` gets the `i`-th draw, whatever the chunk size), and of the noise
             a stochastic solver draws for each image (see `style_aligned.pipeline.solvers.image_seed`).
@@ -92,6 +96,8 @@ class SetSpec:
 
     prompts: list[str]
     reference_prompt: str | None = None
+    reference_prompts: list[str] | None = None
+    reference_weights: list[float] | None = None
     negative_prompt: str = ""
     seed: int = 0
     steps: int = 50
@@ -120,8 +126,25 @@ class SetSpec:
         return Extras(controls=list(self.controls), loras=list(self.loras), ip_adapter=self.ip_adapter)
 
     def image_prompts(self) -> list[str]:
-        """The prompt of every image, the reference first."""
+        """The prompt of every image, the references first."""
+        if self.reference_prompts is not None:
+            return [*self.reference_prompts, *self.prompts]
         return ([self.reference_prompt] if self.reference_prompt is not None else []) + list(self.prompts)
+
+    def num_references(self) -> int:
+        """The number of references, the first images of the set."""
+        return len(self.reference_prompts) if self.reference_prompts is not None else 1
+
+    def mixture_weights(self) -> tuple[float, ...]:
+        """The references' weights (equal by default), normalised to sum 1.
+
+        Raises:
+            ValueError: If there is not one weight per reference, or a weight is not a number > 0.
+        """
+        weights = self.reference_weights
+        if weights is not None and len(weights) != self.num_references():
+            raise ValueError(f"give one reference weight per reference: {len(weights)} for {self.num_references()}")
+        return mixture_weights(weights or [1.0] * self.num_references())
 
     def resolved(self, sd: "StableDiffusion | ModelKind") -> "SetSpec":
         """This spec with the model's defaults filled in, checked (given a model kind, its defaults: the checks need
@@ -146,6 +169,14 @@ class SetSpec:
         """
         if not self.image_prompts():
             raise ValueError("a set needs at least one prompt")
+        if self.reference_prompts is not None:
+            if self.reference_prompt is not None:
+                raise ValueError("give the reference as reference_prompt or reference_prompts, not both")
+            if not self.reference_prompts:
+                raise ValueError("reference_prompts needs at least one prompt")
+            if len(self.reference_prompts) > 1 and self.controls:
+                raise ValueError("ControlNets work with one reference; give a single reference prompt")
+        self.mixture_weights()
         width, height = self.width or self.height, self.height or self.width
         if width is not None and height is not None and (width % 8 or height % 8 or width < 8 or height < 8):
             raise ValueError(f"the image size must be multiples of 8 pixels, got {width}x{height}")
@@ -253,30 +284,42 @@ def initial_noise(spec: SetSpec, count: int, device: torch.device, dtype: torch.
     return noise.to(device=device, dtype=dtype)
 
 
-def target_chunks(num_images: int, chunk_size: int | None) -> list[list[int]]:
-    """The indices of the targets (all images but the first), in chunks of `chunk_size` (default: one chunk)."""
-    targets = list(range(1, num_images))
+def target_chunks(num_images: int, chunk_size: int | None, num_references: int = 1) -> list[list[int]]:
+    """The indices of the targets (all images but the references, first), in chunks of `chunk_size` (default: one
+    chunk)."""
+    targets = list(range(num_references, num_images))
     size = chunk_size or max(1, len(targets))
     return [targets[start : start + size] for start in range(0, len(targets), size)]
 
 
-def call_groups(num_images: int, chunk_size: int | None, targets: Sequence[int] | None = None) -> list[list[int]]:
-    """The images of each U-Net call of a step: the reference with the first chunk of targets, then the others.
+def call_groups(
+    num_images: int, chunk_size: int | None, targets: Sequence[int] | None = None, *, num_references: int = 1
+) -> list[list[int]]:
+    """The images of each U-Net call of a step: the references with the first chunk of targets, then the others.
 
     Args:
-        num_images: The images of the set, the reference first.
+        num_images: The images of the set, the references first.
         chunk_size: How many targets run together (default: all).
         targets: Only the chunks that hold these targets (see `chunks_of_targets`; default: all).
+        num_references: The number of references, the first images.
     """
-    chunks = chunks_of_targets(num_images, chunk_size, targets)
-    return [[0, *chunks[0]], *chunks[1:]] if chunks else [[0]]
+    references = list(range(num_references))
+    chunks = chunks_of_targets(num_images, chunk_size, targets, num_references=num_references)
+    return [[*references, *chunks[0]], *chunks[1:]] if chunks else [references]
 
 
-def progress_total(*, num_images: int, steps: int, chunk_size: int | None, targets: Sequence[int] | None = None) -> int:
-    """The units of work of a set (or of its part: the reference and `targets`): one per U-Net call, one per decoded
-    image."""
-    decoded = num_images if targets is None else 1 + len(targets)
-    return steps * len(call_groups(num_images, chunk_size, targets)) + decoded
+def progress_total(
+    *,
+    num_images: int,
+    steps: int,
+    chunk_size: int | None,
+    targets: Sequence[int] | None = None,
+    num_references: int = 1,
+) -> int:
+    """The units of work of a set (or of its part: the references and `targets`): one per U-Net call, one per
+    decoded image."""
+    decoded = num_images if targets is None else num_references + len(targets)
+    return steps * len(call_groups(num_images, chunk_size, targets, num_references=num_references)) + decoded
 
 
 def predict_noise(
@@ -299,14 +342,16 @@ def predict_noise(
     return unconditional + guidance * (conditional - unconditional)
 
 
-def chunks_of_targets(num_images: int, chunk_size: int | None, targets: Sequence[int] | None) -> list[list[int]]:
+def chunks_of_targets(
+    num_images: int, chunk_size: int | None, targets: Sequence[int] | None, *, num_references: int = 1
+) -> list[list[int]]:
     """The chunks (see `target_chunks`) that hold `targets` (default: all of them).
 
     Raises:
         ValueError: If `targets` are not whole chunks of the set: a chunk's targets run in one batch, so rendering only
             some of them would change the batch and, by a rounding, the images.
     """
-    chunks = target_chunks(num_images, chunk_size)
+    chunks = target_chunks(num_images, chunk_size, num_references)
     if targets is None:
         return chunks
     wanted = set(targets)
@@ -365,11 +410,14 @@ def denoise_set(
     solver = sd.solver if solver is None else solver
     steps = list(solver.inference_steps if steps is None else steps)
     x = latents.clone()
-    groups = call_groups(x.shape[0], chunk_size, targets)
-    solvers = [fresh_copy(solver) for _ in groups]
-    total = progress_total(num_images=x.shape[0], steps=len(steps), chunk_size=chunk_size, targets=targets)
-    cfg = adapter.classifier_free_guidance
     cache = adapter.reference_cache
+    count = cache.num_references
+    groups = call_groups(x.shape[0], chunk_size, targets, num_references=count)
+    solvers = [fresh_copy(solver) for _ in groups]
+    total = progress_total(
+        num_images=x.shape[0], steps=len(steps), chunk_size=chunk_size, targets=targets, num_references=count
+    )
+    cfg = adapter.classifier_free_guidance
 
     def report(step_number: int, call: int) -> None:
         if progress:
@@ -398,7 +446,7 @@ def denoise_set(
                 rng = None if generators is None else [generators[image] for image in images]
                 x[rows] = solver_step(solvers[call - 1], x[rows], noise, step, rng)
                 if call == 1 and after_reference_step is not None:
-                    x[:1] = after_reference_step(step, x[:1])
+                    x[:count] = after_reference_step(step, x[:count])
                 report(step_number, call)
             cache.clear()
     return x
@@ -438,7 +486,9 @@ def denoise_with_extras(
     assert spec.width is not None and spec.height is not None and spec.guidance is not None
     lcm = lcm_guidance_embedding(sd)
     cfg = spec.classifier_free_guidance and lcm is None
-    adapter = StyleAlignedAdapter(sd.unet, spec.style, classifier_free_guidance=cfg)
+    adapter = StyleAlignedAdapter(
+        sd.unet, spec.style, classifier_free_guidance=cfg, reference_weights=spec.mixture_weights()
+    )
     generators = image_generators(spec.seed, latents.shape[0], sd.device) if is_stochastic(solver) else None
     previous_scale = None if lcm is None else lcm.condition_scale
     try:
@@ -492,18 +542,19 @@ def with_preview(
     return step
 
 
-def part_targets(num_images: int, images: Sequence[int] | None) -> list[int] | None:
+def part_targets(num_images: int, images: Sequence[int] | None, *, num_references: int = 1) -> list[int] | None:
     """The targets of a part of a set (see `generate_set`'s `images`), or `None` for the whole set.
 
     Raises:
-        ValueError: If `images` does not start with the reference or names an image the set does not have.
+        ValueError: If `images` does not start with the references or names an image the set does not have.
     """
     if images is None:
         return None
     chosen = list(images)
-    if not chosen or chosen[0] != 0 or chosen != sorted(set(chosen)) or chosen[-1] >= num_images:
-        raise ValueError(f"a part of a set of {num_images} images is 0 then targets in order, got {chosen}")
-    return chosen[1:]
+    references = list(range(num_references))
+    if chosen[:num_references] != references or chosen != sorted(set(chosen)) or chosen[-1] >= num_images:
+        raise ValueError(f"a part of a set of {num_images} images is {references} then targets in order, got {chosen}")
+    return chosen[num_references:]
 
 
 def generate_set(
@@ -517,6 +568,7 @@ def generate_set(
     """Generate a style-consistent set of images.
 
     The first image (`spec.reference_prompt`, or the first prompt) is the reference; the others share its style.
+    With `spec.reference_prompts`, the first images are references and the others blend their styles.
     The spec's solver is used (by default the DDIM solver of the reference examples, see `ddim`); the model's own
     solver is neither used nor changed.
 
@@ -537,7 +589,7 @@ def generate_set(
         RuntimeError: If the U-Net already carries StyleAligned.
     """
     resolved = spec.resolved(sd)
-    targets = part_targets(len(resolved.image_prompts()), images)
+    targets = part_targets(len(resolved.image_prompts()), images, num_references=resolved.num_references())
     latents, spec = generate_latents(sd, resolved, progress=progress, targets=targets, preview=preview)
     return decode_set(sd, latents, spec, progress=progress, targets=targets)
 
@@ -552,8 +604,11 @@ def decode_set(
 ) -> GeneratedSet:
     """Decode the images of a denoised set (the reference and `targets`, default: all), the last units of progress."""
     prompts = spec.image_prompts()
-    chosen = list(range(len(prompts))) if targets is None else [0, *targets]
-    total = progress_total(num_images=len(prompts), steps=spec.steps, chunk_size=spec.chunk_size, targets=targets)
+    count = spec.num_references()
+    chosen = list(range(len(prompts))) if targets is None else [*range(count), *targets]
+    total = progress_total(
+        num_images=len(prompts), steps=spec.steps, chunk_size=spec.chunk_size, targets=targets, num_references=count
+    )
     images = decode(sd, latents[chosen], progress=progress, total=total)
     return GeneratedSet(images=images, prompts=[prompts[index] for index in chosen], spec=spec)
 

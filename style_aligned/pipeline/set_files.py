@@ -22,10 +22,10 @@ SIDECAR = "set.json"
 GRID = "grid.png"
 
 
-def image_name(index: int, prompt: str) -> str:
-    """The file name of image `index` (0 is the reference), e.g. `01-a-toy-train.png`."""
+def image_name(index: int, prompt: str, num_references: int = 1) -> str:
+    """The file name of image `index` (the first `num_references` are references), e.g. `01-a-toy-train.png`."""
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48].rstrip("-") or "image"
-    return f"{index:02d}-{'reference-' if index == 0 else ''}{slug}.png"
+    return f"{index:02d}-{'reference-' if index < num_references else ''}{slug}.png"
 
 
 def _plain(value: object) -> str:
@@ -45,24 +45,35 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def sidecar(command: str, spec: SetSpec, prompts: Sequence[str], **details: Any) -> dict[str, Any]:
-    """Everything needed to reproduce a set: the command, the settings, the image files and the versions."""
+    """Everything needed to reproduce a set: the command, the settings, the references, the image files and the
+    versions."""
+    count = spec.num_references()
+    weights = spec.mixture_weights()
     return {
         "command": command,
         **{key: value for key, value in asdict(spec).items()},
         "classifier_free_guidance": spec.classifier_free_guidance,
         "image_prompts": list(prompts),
-        "images": [image_name(index, prompt) for index, prompt in enumerate(prompts)],
+        "references": [{"prompt": prompts[i], "weight": weights[i]} for i in range(min(count, len(prompts)))],
+        "images": [image_name(index, prompt, count) for index, prompt in enumerate(prompts)],
         "grid": GRID,
         **details,
-        "versions": {name: version(name) for name in ("style-aligned", "refiners")} | {"torch": torch.__version__},
+        "versions": sidecar_versions(),
     }
 
 
-def write_set_images(directory: Path, images: Sequence[Image.Image], prompts: Sequence[str], title: str) -> None:
+def sidecar_versions() -> dict[str, str]:
+    """The versions of style-aligned, Refiners and torch, for sidecars."""
+    return {name: version(name) for name in ("style-aligned", "refiners")} | {"torch": torch.__version__}
+
+
+def write_set_images(
+    directory: Path, images: Sequence[Image.Image], prompts: Sequence[str], title: str, num_references: int = 1
+) -> None:
     """Write each image (atomically, so an interruption never leaves a partial file), then the labelled grid."""
     for index, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
-        save_png(image, directory / image_name(index, prompt))
-    labels = [f"reference: {prompts[0]}", *prompts[1:]]
+        save_png(image, directory / image_name(index, prompt, num_references))
+    labels = [f"reference: {p}" if i < num_references else p for i, p in enumerate(prompts)]
     save_png(labelled_grid(images, labels, title=title), directory / GRID)
 
 

@@ -3,6 +3,7 @@
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+import torch
 from PIL import Image
 from torch import Tensor
 
@@ -31,7 +32,9 @@ OFFSET = 5
 
 @dataclass
 class TransferSpec(SetSpec):
-    """A set in the style of a real image; `prompts` are the targets, the image's caption is the reference prompt.
+    """A set in the style of real images; `prompts` are the targets, the images' captions are the reference prompts.
+
+    With several reference images, `reference_weights` weighs them (default: equal).
 
     Attributes:
         offset: The reference starts from the trajectory's latent at this index (5 of 50 in the reference example)
@@ -80,23 +83,27 @@ def make_trajectory(
 
     `progress` is called with (steps done, steps) after each inversion step.
     """
-    spec = spec.resolved(sd)
+    spec = replace(spec, reference_prompts=None, reference_weights=None).resolved(sd)  # the image alone
     assert spec.width is not None and spec.height is not None
     latents = encode_image(sd, image, spec.width, spec.height, spec.fit)
     solver = ddim(sd, spec.steps)
     return invert(sd, latents, caption, solver, spec.inversion_guidance, spec.width, spec.height, progress=progress)
 
 
+Trajectories = ReferenceTrajectory | Sequence[ReferenceTrajectory]
+"""One inverted reference image, or several."""
+
+
 def transfer_latents(
     sd: StableDiffusion,
-    trajectory: ReferenceTrajectory,
+    trajectory: Trajectories,
     spec: TransferSpec,
     progress: Progress | None = None,
     *,
     targets: Sequence[int] | None = None,
     preview: Preview | None = None,
 ) -> tuple[Tensor, TransferSpec]:
-    """Denoise a set in the style of an inverted reference image; see `transfer_set`.
+    """Denoise a set in the style of inverted reference images; see `transfer_set`.
 
     Args:
         sd: The model.
@@ -107,21 +114,31 @@ def transfer_latents(
         preview: Called with the reference's latent after each of its steps.
 
     Returns:
-        The final latents (the reference first) and the resolved spec.
+        The final latents (the references first) and the resolved spec.
     """
-    spec = replace(spec.resolved(sd), reference_prompt=trajectory.caption)
+    trajectories = [trajectory] if isinstance(trajectory, ReferenceTrajectory) else list(trajectory)
+    if not trajectories:
+        raise ValueError("style transfer needs at least one reference image")
+    captions = [reference.caption for reference in trajectories]
+    several = len(trajectories) > 1
+    spec = replace(
+        spec,
+        reference_prompt=None if several else captions[0],
+        reference_prompts=captions if several else None,
+    ).resolved(sd)
     assert spec.width is not None and spec.height is not None and spec.guidance is not None
     solver = ddim(sd, spec.steps)
-    trajectory.check_fits(sd, solver, spec.width, spec.height)
+    for reference_trajectory in trajectories:
+        reference_trajectory.check_fits(sd, solver, spec.width, spec.height)
     prompts = spec.image_prompts()
     latents = initial_noise(spec, len(prompts), sd.device, sd.dtype)
     conditioning = SetConditioning(sd, prompts, spec.negative_prompt, spec.width, spec.height)
-    reference = trajectory.latents.to(device=sd.device, dtype=sd.dtype)
-    latents[0] = reference[spec.offset]
+    references = torch.stack([t.latents.to(device=sd.device, dtype=sd.dtype) for t in trajectories], dim=1)
+    latents[: len(trajectories)] = references[spec.offset]  # references: (steps + 1, k, 4, h, w)
     first_step = solver.first_inference_step
 
     def follow_trajectory(step: int, _: Tensor) -> Tensor:
-        return reference[max(spec.offset + 1, step - first_step + 1)][None]
+        return references[max(spec.offset + 1, step - first_step + 1)]
 
     latents = denoise_with_extras(
         sd,
@@ -138,7 +155,7 @@ def transfer_latents(
 
 def transfer_set(
     sd: StableDiffusion,
-    trajectory: ReferenceTrajectory,
+    trajectory: Trajectories,
     spec: TransferSpec,
     progress: Progress | None = None,
     *,
@@ -149,12 +166,14 @@ def transfer_set(
 
     Image 0 is the reference: it starts from the trajectory's latent at `spec.offset` and, after every denoising step
     `i`, its latent becomes the trajectory's latent at `max(offset + 1, i + 1)`, so that its final latent is the
-    encoded image. The targets share its attention as in `generate_set`.
+    encoded image. The targets share its attention as in `generate_set`. With several trajectories, the first images
+    are the references, each following its own trajectory, and the targets blend their styles
+    (`spec.reference_weights`).
 
     Args:
         sd: The model.
-        trajectory: The reference's inversion (see `make_trajectory`), for this model, schedule and size.
-        spec: The targets and settings; its `reference_prompt` is ignored (the trajectory's caption is used).
+        trajectory: The reference's inversion (see `make_trajectory`), for this model, schedule and size, or several.
+        spec: The targets and settings; its reference prompts are ignored (the trajectories' captions are used).
         progress: Called as the work proceeds.
         images: Generate only these images of the set (see `generate_set`).
         preview: Called with the reference's latent after each of its steps.
@@ -165,6 +184,7 @@ def transfer_set(
     Raises:
         ValueError: If a setting is out of range or the trajectory does not fit the model, schedule or size.
     """
-    targets = part_targets(len(spec.prompts) + 1, images)
+    count = len([trajectory] if isinstance(trajectory, ReferenceTrajectory) else list(trajectory))
+    targets = part_targets(len(spec.prompts) + count, images, num_references=count)
     latents, spec = transfer_latents(sd, trajectory, spec, progress, targets=targets, preview=preview)
     return decode_set(sd, latents, spec, progress=progress, targets=targets)

@@ -106,6 +106,8 @@ def option_flags(style: dict[str, Any]) -> list[str]:
             flags.append(flag if value else f"--no-{name.replace('_', '-')}")
         elif isinstance(value, list):
             flags += [flag, *map(str, value)]
+        elif isinstance(value, str):
+            flags += [flag, value]
         elif value is not None:
             flags += [flag, repr(value)]
     return flags
