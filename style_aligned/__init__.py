@@ -6,7 +6,10 @@ The package, by layer of the architecture:
 - `adapters`: `StyleAlignedAdapter` and the per-layer adapters it injects, and the choice of layers;
 - `options`: `StyleAlignedOptions`, every option of the method with its defaults and checks;
 - `weights`: reading, converting and loading model weights, LoRAs and the SDXL ControlNet;
-- `pipeline`: whole sets: generation, style transfer (DDIM inversion), composition with other adapters, set files;
+- `pipeline`: whole sets: generation, solvers, style transfer (DDIM inversion), panoramas, composition with other
+  adapters, set files;
+- `batch`: many sets from a manifest, in this process or on a Ray cluster, resumable;
+- `app`: the local web app;
 - `evaluation`: the paper's metrics, sweeps of options and their tables;
 - `cli`: the `style-aligned` command, one module per subcommand.
 """
