@@ -11,7 +11,7 @@ from torch import Tensor
 
 from style_aligned import StyleAlignedAdapter, self_attention_layers
 from style_aligned.adapters.unet_layers import own_layers
-from style_aligned.options import StyleAlignedOptions
+from style_aligned.options import StyleAlignedOptions, model_kind
 from tests.helpers import models
 from tests.helpers import spec_reference as spec
 from tests.helpers.compare import assert_close
@@ -60,7 +60,7 @@ def with_spec_layers(unet: SD1UNet | SDXLUNet, options: dict[str, Any], inputs: 
     for shared in self_attention_layers(unet):
         attention = shared.layer.ensure_find(fl.ScaledDotProductAttention)
         swaps.append((shared.layer, attention, SpecAttention(attention.num_heads, options)))
-    if options.get("share_group_norm"):
+    if StyleAlignedOptions(**options).resolved(model_kind(unet)).share_group_norm:  # SD1 shares it by default
         swaps += [(parent, norm, SpecGroupNorm(norm)) for norm, parent in own_layers(unet, fl.GroupNorm)]
     for parent, old, new in swaps:
         parent.replace(old, new)
