@@ -179,29 +179,40 @@ def command_args(command: Command, values: Mapping[str, Any], **given: Any) -> a
 
 
 def lora_arguments(text: str | None, folder: Path | None) -> list[str]:
-    """The `--lora` arguments of the page's LoRA field: one `NAME[:SCALE]` per line, NAME a file in `folder`.
+    """The `--lora` arguments of the page's LoRA field: one `NAME[:SCALE]` per line.
 
-    Names are resolved inside the LoRA folder given on the command line; the page cannot name any other file.
+    NAME is a file in `folder` (resolved inside the LoRA folder given on the command line: the page cannot name any
+    other local file) or a file on the Hugging Face Hub, `org/name[@revision]/path/in/repo.safetensors`, fetched into
+    the Hub cache when the set is made.
 
     Raises:
-        ValueError: If a line names no LoRA file of the folder, or its scale is not a number.
+        ValueError: If a line names neither a LoRA file of the folder nor a Hub file, or its scale is not a number.
     """
+    from style_aligned.weights.hub import parse_file_id
+
     arguments: list[str] = []
     for line in prompt_lines(text):
         name, separator, scale = line.rpartition(":")
         if not separator:
             name, scale = line, ""
+        name = name.strip()
         try:
             factor = float(scale) if scale else 1.0
         except ValueError:
             raise ValueError(f"LoRA {line!r}: the scale after ':' must be a number") from None
-        if folder is None:
-            raise ValueError("LoRAs are off: start the app with --lora-dir DIR to use the LoRA files in DIR")
-        root = folder.resolve()
-        path = (root / name.strip()).resolve()
-        if not path.is_relative_to(root) or not path.is_file():
-            raise ValueError(f"LoRA {name.strip()!r} is not a file in the LoRA folder ({', '.join(loras(folder))})")
-        arguments.append(f"{path}:{factor:g}")
+        if folder is not None:
+            root = folder.resolve()
+            path = (root / name).resolve()
+            if path.is_relative_to(root) and path.is_file():
+                arguments.append(f"{path}:{factor:g}")
+                continue
+        if parse_file_id(name) is not None and name.endswith(".safetensors"):
+            arguments.append(f"{name}:{factor:g}")
+            continue
+        files = (
+            f"a file in the LoRA folder ({', '.join(loras(folder))})" if folder is not None else "a file in --lora-dir"
+        )
+        raise ValueError(f"LoRA {name!r} is neither {files} nor a Hub file org/name/path.safetensors")
     return arguments
 
 

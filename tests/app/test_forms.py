@@ -82,7 +82,7 @@ def test_prompts_are_the_non_empty_lines() -> None:
     assert prompt_lines(None) == []
 
 
-def test_loras_are_files_of_the_lora_folder_only(tmp_path: Path) -> None:
+def test_loras_are_files_of_the_lora_folder_or_hub_files(tmp_path: Path) -> None:
     folder = tmp_path / "loras"
     (folder / "styles").mkdir(parents=True)
     (folder / "styles" / "ink.safetensors").write_bytes(b"")
@@ -90,10 +90,13 @@ def test_loras_are_files_of_the_lora_folder_only(tmp_path: Path) -> None:
     assert lora_arguments("styles/ink.safetensors:0.5\n", folder) == [f"{folder / 'styles/ink.safetensors'}:0.5"]
     assert lora_arguments("styles/ink.safetensors", folder) == [f"{folder / 'styles/ink.safetensors'}:1"]
     for outside in ("../secret.safetensors", str(tmp_path / "secret.safetensors"), "missing.safetensors"):
-        with pytest.raises(ValueError, match="is not a file in the LoRA folder"):
+        with pytest.raises(ValueError, match="is neither a file in the LoRA folder"):
             lora_arguments(outside, folder)
     with pytest.raises(ValueError, match="scale after ':' must be a number"):
         lora_arguments("styles/ink.safetensors:strong", folder)
-    with pytest.raises(ValueError, match="LoRAs are off"):
+    with pytest.raises(ValueError, match="neither a file in --lora-dir nor a Hub file"):
         lora_arguments("styles/ink.safetensors", None)
     assert lora_arguments("", None) == []
+    hub = "ByteDance/SDXL-Lightning/sdxl_lightning_4step_lora.safetensors"
+    assert lora_arguments(f"{hub}:0.8", None) == [f"{hub}:0.8"]  # fetched into the Hub cache, never a local path
+    assert lora_arguments(hub, folder) == [f"{hub}:1"]
