@@ -94,12 +94,17 @@ def transfer_details(args: argparse.Namespace, trajectories: "list[ReferenceTraj
     """What a transfer set's sidecar adds to its settings: the model, the images, their captions and inversions."""
     images: list[Path] = args.images or []
     files: list[Path] = args.trajectories or args.save_trajectories or []
-    single = len(trajectories) == 1
-    return {
-        "model": str(args.model),
-        "image": str(images[0]) if single and images else None,
-        "caption": trajectories[0].caption if single else None,
-        "trajectory": str(files[0]) if single and files else None,
+    details: dict[str, Any] = {"model": str(args.model)}
+    if len(trajectories) == 1:
+        return details | {
+            "image": str(images[0]) if images else None,
+            "caption": trajectories[0].caption,
+            "trajectory": str(files[0]) if files else None,
+        }
+    return details | {
+        "image": None,
+        "caption": None,
+        "trajectory": None,
         "reference_images": [str(path) for path in images] or None,
         "reference_trajectories": [str(path) for path in files] or None,
     }
@@ -149,15 +154,17 @@ def run_transfer(args: argparse.Namespace) -> None:
             trajectory.save(save_to[index])
             print(f"saved the inversion to {save_to[index]}", file=sys.stderr)
         trajectories.append(trajectory)
-    references = [trajectory.caption for trajectory in trajectories]
-    several = len(references) > 1
-    spec = replace(
-        spec, reference_prompts=references if several else None, reference_prompt=None if several else references[0]
-    )
+    if len(trajectories) > 1:  # one reference: its caption is the reference prompt (see `transfer_set`)
+        spec = replace(spec, reference_prompts=[trajectory.caption for trajectory in trajectories])
     write_set(
         args.out,
         lambda bar: transfer_set(sd, trajectories, spec, progress=bar),
-        sidecar("transfer", spec, spec.image_prompts(), **transfer_details(args, trajectories)),
+        sidecar(
+            "transfer",
+            spec,
+            [*(t.caption for t in trajectories), *spec.prompts],
+            **transfer_details(args, trajectories),
+        ),
         title=set_title("transfer", spec.seed),
         overwrite=args.overwrite,
     )

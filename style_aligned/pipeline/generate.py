@@ -295,7 +295,7 @@ def target_chunks(num_images: int, chunk_size: int | None, num_references: int =
 def call_groups(
     num_images: int, chunk_size: int | None, targets: Sequence[int] | None = None, *, num_references: int = 1
 ) -> list[list[int]]:
-    """The images of each U-Net call of a step: the references with the first chunk of targets, then the others.
+    """The images of each U-Net call of a step: the references with the set's first chunk of targets, then the others.
 
     Args:
         num_images: The images of the set, the references first.
@@ -304,8 +304,13 @@ def call_groups(
         num_references: The number of references, the first images.
     """
     references = list(range(num_references))
-    chunks = chunks_of_targets(num_images, chunk_size, targets, num_references=num_references)
-    return [[*references, *chunks[0]], *chunks[1:]] if chunks else [references]
+    every_chunk = target_chunks(num_images, chunk_size, num_references)
+    if not every_chunk:
+        return [references]
+    # the references always run with the set's first chunk, as in the whole set, so that a part of the set is
+    # computed in the same batches as in the whole set and equals it exactly
+    chosen = chunks_of_targets(num_images, chunk_size, targets, num_references=num_references)
+    return [[*references, *every_chunk[0]], *[chunk for chunk in chosen if chunk != every_chunk[0]]]
 
 
 def progress_total(

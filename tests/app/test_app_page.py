@@ -117,7 +117,7 @@ def test_an_uploaded_image_gives_a_transfer_set_and_its_inversion_is_kept(
     choose(page, "reference", "an uploaded image")
     page.locator("#upload input[type=file]").set_input_files(str(reference))
     page.wait_for_selector("#upload-preview img", timeout=30_000)
-    fill(page, prompts=PROMPTS[1:], caption="a colour gradient", size="64x64", steps=2, offset=1)
+    fill(page, prompts=PROMPTS[1:], captions="a colour gradient", size="64x64", steps=2, offset=1)
     before = set_folders(app.out) if app.out.exists() else []
     assert run_job(page) == "done", progress_text(page)
     first = new_folder(app.out, before)
@@ -179,7 +179,7 @@ def test_bad_input_shows_its_message_and_the_server_goes_on(app: RunningApp, pag
     choose(page, "reference", "an uploaded image")
     page.locator("#upload input[type=file]").set_input_files(str(fake))
     page.wait_for_selector("text=the uploaded file is not an image", timeout=30_000)
-    fill(page, guidance="", caption="text")
+    fill(page, guidance="", captions="text")
     assert run_job(page) == "error" and "the uploaded file is not an image" in progress_text(page)
     assert get(app.url) == 200 and app.process.poll() is None
 

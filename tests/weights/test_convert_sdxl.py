@@ -91,9 +91,8 @@ def test_sdxl_sweep_writes_contact_sheet_table_and_plot(sdxl_source: dict[str, A
     """`style-aligned sweep` on the random SDXL pipeline (converted on the fly) at 64x64 px with 2 steps."""
     import gc
 
-    from test_sweep import sweep_files
-
     from style_aligned.cli import main as cli
+    from tests.evaluation.test_sweep import sweep_files
     from tests.helpers.random_scorers import save_random_scorers
 
     gc.collect()  # the previous test's pipeline: one SDXL in memory at a time
