@@ -193,7 +193,30 @@ class SharedScaledDotProductAttention(fl.Module):
         return own.transpose(1, 2).reshape(halves, per_half, num_queries, channels)
 
 
-class ShiftedScaledDotProductAttention(fl.ScaledDotProductAttention):
+class BiasedScaledDotProductAttention(fl.ScaledDotProductAttention):
+    """Scaled dot-product attention whose subclasses attend over chosen keys with an optional float bias on the logits.
+
+    The bias (an attention mask broadcast over batch, heads and queries) goes to the fused kernel; the logits are
+    never materialised.
+    """
+
+    def _attend(
+        self,
+        query: Float[Tensor, "batch num_queries embedding_dim"],
+        key: Float[Tensor, "batch num_keys embedding_dim"],
+        value: Float[Tensor, "batch num_keys embedding_dim"],
+        bias: Float[Tensor, "1 1 1 num_keys"] | None,
+    ) -> Float[Tensor, "batch num_queries embedding_dim"]:
+        output = scaled_dot_product_attention(
+            self._split_to_multi_head(query),
+            self._split_to_multi_head(key),
+            self._split_to_multi_head(value),
+            attn_mask=bias,
+        )  # (batch, heads, num_queries, head_dim)
+        return self._merge_multi_head(output)
+
+
+class ShiftedScaledDotProductAttention(BiasedScaledDotProductAttention):
     """Scaled dot-product attention over each image's own tokens and the appended tokens of its reference.
 
     The keys and values hold each image's own tokens followed by as many appended reference tokens (see
@@ -265,21 +288,6 @@ class ShiftedScaledDotProductAttention(fl.ScaledDotProductAttention):
         output[:, 0] = self._attend(query[:, 0], key[:, 0, :num_tokens], value[:, 0, :num_tokens], bias=None)
         for half in range(output.shape[0] if output.shape[1] > 1 else 0):
             output[half, 1:] = self._attend(query[half, 1:], key[half, 1:], value[half, 1:], bias=bias)
-
-    def _attend(
-        self,
-        query: Float[Tensor, "batch num_queries embedding_dim"],
-        key: Float[Tensor, "batch num_keys embedding_dim"],
-        value: Float[Tensor, "batch num_keys embedding_dim"],
-        bias: Float[Tensor, "1 1 1 num_keys"] | None,
-    ) -> Float[Tensor, "batch num_queries embedding_dim"]:
-        output = scaled_dot_product_attention(
-            self._split_to_multi_head(query),
-            self._split_to_multi_head(key),
-            self._split_to_multi_head(value),
-            attn_mask=bias,
-        )  # (batch, heads, num_queries, head_dim)
-        return self._merge_multi_head(output)
 
 
 class JointScaledDotProductAttention(fl.ScaledDotProductAttention):

@@ -8,12 +8,11 @@ values only. With one reference in `concat` mode this computes what `ShiftedScal
 import math
 from typing import Literal
 
-import refiners.fluxion.layers as fl
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from torch.nn.functional import scaled_dot_product_attention
 
+from style_aligned.layers.attention import BiasedScaledDotProductAttention
 from style_aligned.layers.reference_cache import ReferenceCache
 
 AttentionMode = Literal["concat", "swap"]
@@ -48,7 +47,7 @@ def reference_logit_bias(
     return torch.cat([per_reference.new_zeros(num_own), per_reference]).reshape(1, 1, 1, -1)
 
 
-class ReferenceAttention(fl.ScaledDotProductAttention):
+class ReferenceAttention(BiasedScaledDotProductAttention):
     """Scaled dot-product attention of every target over the tokens of the `k` references of its batch half.
 
     The references are the first `k` images of each half (or a recording, see `ReferenceCache`); each runs plain
@@ -138,18 +137,3 @@ class ReferenceAttention(fl.ScaledDotProductAttention):
             attended = self._attend(query[:, first_target:, queries].flatten(0, 1), keys, values, bias=bias)
             output[:, first_target:, queries] = attended.reshape(halves, num_targets, -1, value.shape[-1])
         return output.reshape(halves * per_half, num_queries, -1)
-
-    def _attend(
-        self,
-        query: Float[Tensor, "batch num_queries embedding_dim"],
-        key: Float[Tensor, "batch num_keys embedding_dim"],
-        value: Float[Tensor, "batch num_keys embedding_dim"],
-        bias: Float[Tensor, "1 1 1 num_keys"] | None,
-    ) -> Float[Tensor, "batch num_queries embedding_dim"]:
-        output = scaled_dot_product_attention(
-            self._split_to_multi_head(query),
-            self._split_to_multi_head(key),
-            self._split_to_multi_head(value),
-            attn_mask=bias,
-        )  # (batch, heads, num_queries, head_dim)
-        return self._merge_multi_head(output)
