@@ -3,6 +3,7 @@
 from typing import Any
 
 import refiners.fluxion.layers as fl
+import torch
 
 from style_aligned import ReferenceCache, SharedAttentionAdapter, StyleAlignedOptions
 
@@ -21,3 +22,15 @@ def shared_attention(
         classifier_free_guidance=classifier_free_guidance,
         reference_cache=reference_cache or ReferenceCache(),
     )
+
+
+def make_self_attention(seed: int = 0, channels: int = 64, num_heads: int = 4) -> fl.SelfAttention:
+    """A seeded random self-attention layer."""
+    torch.manual_seed(seed)
+    return fl.SelfAttention(embedding_dim=channels, num_heads=num_heads, use_bias=True)
+
+
+def projections(layer: fl.SelfAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The queries, keys and values a self-attention layer computes from `x`."""
+    q_proj, k_proj, v_proj = layer.layer("Distribute", fl.Distribute)
+    return q_proj(x), k_proj(x), v_proj(x)

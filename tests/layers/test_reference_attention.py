@@ -18,19 +18,9 @@ from style_aligned import (
 from style_aligned.adapters.shared_attention import reference_attention_layers
 from style_aligned.layers.reference_cache import mixture_weights
 from tests.helpers import spec_reference as spec
-from tests.helpers.layers import shared_attention
+from tests.helpers.layers import make_self_attention, projections, shared_attention
 
 TOLERANCE = 1e-5
-
-
-def make_self_attention(seed: int = 0, channels: int = 64, num_heads: int = 4) -> fl.SelfAttention:
-    torch.manual_seed(seed)
-    return fl.SelfAttention(embedding_dim=channels, num_heads=num_heads, use_bias=True)
-
-
-def projections(layer: fl.SelfAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q_proj, k_proj, v_proj = layer.layer("Distribute", fl.Distribute)
-    return q_proj(x), k_proj(x), v_proj(x)
 
 
 def inputs(batch_size: int, seed: int = 1) -> torch.Tensor:
