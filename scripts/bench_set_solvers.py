@@ -48,8 +48,8 @@ def reference_way(sd: StableDiffusion_1, spec: SetSpec) -> None:
     spec = spec.resolved(sd)
     assert spec.width is not None and spec.height is not None and spec.guidance is not None
     prompts = spec.image_prompts()
-    conditioning = SetConditioning(sd, prompts, spec.negative_prompt, spec.width, spec.height)
-    x = initial_noise(spec, len(prompts), sd.device, sd.dtype)
+    conditioning = SetConditioning(sd, prompts, spec.negative_prompt, width=spec.width, height=spec.height)
+    x = initial_noise(spec, len(prompts), device=sd.device, dtype=sd.dtype)
     previous, sd.solver = sd.solver, ddim(sd, spec.steps)
     adapter = StyleAlignedAdapter(sd.unet, StyleAlignedOptions(share_group_norm=True)).inject()
     try:

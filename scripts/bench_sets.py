@@ -50,8 +50,8 @@ def run_set(sd: StableDiffusion_XL, count: int, chunk_size: int | None, size: in
     prompts = [f"a toy {OBJECTS[i % len(OBJECTS)]} number {i}. macro photo. 3d game asset" for i in range(count)]
     spec = SetSpec(prompts=prompts, width=size, height=size, steps=steps, chunk_size=chunk_size).resolved(sd)
     assert spec.guidance is not None
-    conditioning = SetConditioning(sd, prompts, "", size, size)
-    latents = initial_noise(spec, count, sd.device, sd.dtype)
+    conditioning = SetConditioning(sd, prompts, "", width=size, height=size)
+    latents = initial_noise(spec, count, device=sd.device, dtype=sd.dtype)
     sd.solver = DDIM(num_inference_steps=steps)
     adapter = StyleAlignedAdapter(sd.unet).inject()
     start = time.perf_counter()
@@ -61,7 +61,9 @@ def run_set(sd: StableDiffusion_XL, count: int, chunk_size: int | None, size: in
             for step in sd.steps:
                 x = sd(x, step, **conditioning(list(range(count))), condition_scale=spec.guidance)
         else:
-            x = denoise_set(sd, adapter, latents, conditioning, guidance=spec.guidance, chunk_size=chunk_size)
+            x = denoise_set(
+                sd, adapter, latents, conditioning=conditioning, guidance=spec.guidance, chunk_size=chunk_size
+            )
         decode(sd, x)
     seconds = time.perf_counter() - start
     adapter.eject()

@@ -174,7 +174,7 @@ class StyleAlignedOptions:
         return cls(**data)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OptionField:
     """What the command line, the sweep grid and the app need to know of one option, read from the dataclass.
 
@@ -208,7 +208,9 @@ def option_fields() -> tuple[OptionField, ...]:
             annotation = get_args(annotation)[0]
         choices = tuple(str(arg) for arg in get_args(annotation)) if get_origin(annotation) is Literal else None
         kind: type = str if choices is not None else annotation
-        fields.append(OptionField(f.name, f.metadata["help"], kind, choices, many, f.default))
+        fields.append(
+            OptionField(name=f.name, help=f.metadata["help"], kind=kind, choices=choices, many=many, default=f.default)
+        )
     return tuple(fields)
 
 

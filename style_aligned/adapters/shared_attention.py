@@ -72,7 +72,7 @@ class SharedAttentionAdapter(fl.Chain, Adapter[fl.ScaledDotProductAttention]):
                 ),
             ]
             if options.full_attention_share
-            else reference_attention_layers(target, options, cfg, cache)
+            else reference_attention_layers(target, options, cfg, cache=cache)
             if options.attention_mode == "swap" or cache.num_references > 1
             else [
                 # (queries, keys, values): (batch, tokens, channels) each
@@ -128,7 +128,7 @@ class SharedAttentionAdapter(fl.Chain, Adapter[fl.ScaledDotProductAttention]):
 
 
 def reference_attention_layers(
-    target: fl.ScaledDotProductAttention, options: StyleAlignedOptions, cfg: bool, cache: ReferenceCache
+    target: fl.ScaledDotProductAttention, options: StyleAlignedOptions, cfg: bool, *, cache: ReferenceCache
 ) -> list[fl.Module]:
     """The layers of shared attention over several references, or of swapped attention (see `ReferenceAttention`)."""
     concat = options.attention_mode == "concat"

@@ -126,7 +126,7 @@ def write_parts(
     job.update(grid=folder / GRID, done=total, total=total)
 
 
-def finish(job: Job, out: Path, folder: Path, text: str) -> None:
+def finish(job: Job, out: Path, folder: Path, *, text: str) -> None:
     """Zip a set's folder for the download and say where it is."""
     job.update(archive=zip_folder(folder, archive_path(out, folder)), text=text)
 
@@ -148,7 +148,7 @@ def _guarded(job: Job, out: Path, folder: Path, make: Callable[[], None], text: 
         _mark_cancelled(folder)
         job.update(archive=zip_folder(folder, archive_path(out, folder)))
         raise
-    finish(job, out, folder, text)
+    finish(job, out, folder, text=text)
 
 
 def part_work(spec: Any, num_images: int, part: list[int]) -> int:
@@ -156,7 +156,7 @@ def part_work(spec: Any, num_images: int, part: list[int]) -> int:
     return progress_total(num_images=num_images, steps=spec.steps, chunk_size=spec.chunk_size, targets=part[1:])
 
 
-def make_generate_set(job: Job, sd: Any, args: argparse.Namespace, out: Path) -> None:
+def make_generate_set(job: Job, sd: Any, args: argparse.Namespace, *, out: Path) -> None:
     """Make the set that `generate` makes with `args`, into a new folder under `out`."""
     from style_aligned.cli.generate import generate_spec
     from style_aligned.pipeline.generate import generate_set
@@ -216,7 +216,7 @@ def make_transfer_set(
             job.check()
 
         job.update(text="inverting the reference image", total=total)
-        trajectory = make_trajectory(sd, image, caption, spec, progress=inverted)
+        trajectory = make_trajectory(sd, image, caption, spec=spec, progress=inverted)
     folder = new_set_folder(out, f"transfer {caption}")
     args.images = [keep_upload(upload, folder)]
     if reuse:
@@ -248,7 +248,7 @@ def make_transfer_set(
     _guarded(job, out, folder, make, f"Done: {len(prompts)} images in {folder} (style transfer)")
 
 
-def make_sweep(job: Job, sd: Any, args: argparse.Namespace, out: Path) -> None:
+def make_sweep(job: Job, sd: Any, args: argparse.Namespace, *, out: Path) -> None:
     """Make the sets that `sweep` makes with `args`, and their contact sheet, into a new folder under `out`."""
     from style_aligned.cli.sweep import sweep_inputs
     from style_aligned.evaluation.sweep import run_sweep
@@ -267,7 +267,7 @@ def make_sweep(job: Job, sd: Any, args: argparse.Namespace, out: Path) -> None:
         job.check()
 
     try:
-        result = run_sweep(sd, spec, settings, folder, report, details={"model": str(args.model)})
+        result = run_sweep(sd, spec, settings, out=folder, progress=report, details={"model": str(args.model)})
     except Cancelled:
         finished = [path for path in sorted(folder.iterdir()) if (path / "grid.png").is_file()]
         job.update(
@@ -276,4 +276,4 @@ def make_sweep(job: Job, sd: Any, args: argparse.Namespace, out: Path) -> None:
         )
         raise
     job.update(grid=result.contact_sheet)
-    finish(job, out, folder, f"Done: {len(settings)} sets and their contact sheet in {folder}")
+    finish(job, out, folder, text=f"Done: {len(settings)} sets and their contact sheet in {folder}")

@@ -44,7 +44,7 @@ the reference as a prompt of its own, or upload an image and caption it to make 
 Each set is written to a new folder under the output folder, as `style-aligned generate` or `transfer` writes it."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PageSettings:
     """What the page may use on the server.
 
@@ -184,7 +184,7 @@ def build_page(studio: Studio, settings: PageSettings) -> gr.Blocks:
         def set_work(data: dict[Any, Any]) -> Callable[[Job, Any], None]:
             if data[reference] != REFERENCES[2]:
                 args = page_args(data, "generate")
-                return lambda job, sd: make_generate_set(job, sd, args, settings.out)
+                return lambda job, sd: make_generate_set(job, sd, args, out=settings.out)
             if not data[upload]:
                 raise ValueError("no reference image: upload one, or choose a prompt as the reference")
             path = Path(data[upload])
@@ -206,7 +206,7 @@ def build_page(studio: Studio, settings: PageSettings) -> gr.Blocks:
             if not grid_lines:
                 raise ValueError("no grid: give at least one NAME=V1,V2,... line (e.g. shared_score_shift=0,0.69)")
             args = page_args(data, "sweep", grid=grid_lines, clip=None, dino=None, text_until=None)
-            return lambda job, sd: make_sweep(job, sd, args, settings.out)
+            return lambda job, sd: make_sweep(job, sd, args, out=settings.out)
 
         def run(
             data: dict[Any, Any], request: gr.Request, make_work: Callable[[dict[Any, Any]], Callable[[Job, Any], None]]

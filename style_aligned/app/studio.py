@@ -27,7 +27,7 @@ class Cancelled(Exception):
     """A job was cancelled; what it finished is kept."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class JobView:
     """What the page shows of a job.
 
@@ -114,7 +114,7 @@ class Job:
             return self._view
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModelState:
     """The model and how its loading went."""
 

@@ -16,7 +16,7 @@ from style_aligned.pipeline.inversion import ReferenceTrajectory
 Result = Rendered | ReferenceTrajectory
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Finished:
     """A task that ended, on a slot (a worker), with its result or its error.
 
@@ -85,9 +85,9 @@ class InProcess:
         assert task is not None, "no task is running"
         self._model = task.entry.model
         try:
-            return [Finished(0, task, result=self._worker.run(task))]
+            return [Finished(slot=0, task=task, result=self._worker.run(task))]
         except Exception as error:
-            return [Finished(0, task, error=describe(error))]
+            return [Finished(slot=0, task=task, error=describe(error))]
 
     def close(self) -> None:
         pass
@@ -160,17 +160,17 @@ class RayActors:
         for reference in ready:
             slot, task = self._running.pop(reference)
             try:
-                finished.append(Finished(slot, task, result=ray.get(reference)))
+                finished.append(Finished(slot=slot, task=task, result=ray.get(reference)))
             except ray.exceptions.RayActorError as error:  # the worker died (out of memory, node lost): replace it
                 with contextlib.suppress(Exception):
                     ray.kill(self._actors[slot])
                 self._actors[slot] = self._actor_class.remote(**self._options)
                 self._models[slot] = None
-                finished.append(Finished(slot, task, error=f"the worker died: {describe(error)}"))
+                finished.append(Finished(slot=slot, task=task, error=f"the worker died: {describe(error)}"))
             except ray.exceptions.RayTaskError as error:
-                finished.append(Finished(slot, task, error=describe(error.cause or error)))
+                finished.append(Finished(slot=slot, task=task, error=describe(error.cause or error)))
             except Exception as error:
-                finished.append(Finished(slot, task, error=describe(error)))
+                finished.append(Finished(slot=slot, task=task, error=describe(error)))
         return finished
 
     def close(self) -> None:

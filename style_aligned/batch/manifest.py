@@ -33,7 +33,7 @@ class ManifestError(ValueError):
     """A manifest that cannot run: every bad line, with its number and the problem."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SetEntry:
     """One set of a manifest.
 
@@ -174,18 +174,18 @@ def read_line(text: str, number: int, *, base: Path, model: Path | None) -> SetE
         if name == "style":
             values[name] = read_style(value, default=spec_fields["style"])
         elif name in spec_fields:
-            values[name] = convert(value, hints[name], name, base)
+            values[name] = convert(value, hints[name], name, base=base)
     if "prompts" not in values:
         raise ValueError("missing field 'prompts' (one prompt per image)")
     spec = spec_type(**values)
 
-    split = convert(line.get("split", 1), int, "split", base)
+    split = convert(line.get("split", 1), int, "split", base=base)
     if split < 1:
         raise ValueError(f"split must be at least 1, got {split}")
-    model_path = convert(line["model"], Path, "model", base) if "model" in line else model
-    image = convert(line["image"], Path, "image", base) if "image" in line else None
-    caption = convert(line["caption"], str, "caption", base) if "caption" in line else None
-    trajectory = convert(line["trajectory"], Path, "trajectory", base) if "trajectory" in line else None
+    model_path = convert(line["model"], Path, "model", base=base) if "model" in line else model
+    image = convert(line["image"], Path, "image", base=base) if "image" in line else None
+    caption = convert(line["caption"], str, "caption", base=base) if "caption" in line else None
+    trajectory = convert(line["trajectory"], Path, "trajectory", base=base) if "trajectory" in line else None
     from_image = image is not None and caption is not None and trajectory is None
     from_trajectory = trajectory is not None and image is None and caption is None
     if kind == "transfer" and not (from_image or from_trajectory):
@@ -231,14 +231,15 @@ def read_style(value: object, *, default: dataclasses.Field[Any]) -> StyleAligne
     changes = cast(dict[str, Any], value)
     hints = typing.get_type_hints(StyleAlignedOptions)
     converted = {
-        name: convert(v, hints[name], f"style.{name}", Path()) if name in hints else v for name, v in changes.items()
+        name: convert(v, hints[name], f"style.{name}", base=Path()) if name in hints else v
+        for name, v in changes.items()
     }
     assert default.default_factory is not dataclasses.MISSING
     base = cast(StyleAlignedOptions, default.default_factory())
     return StyleAlignedOptions.from_dict({**base.to_dict(), **converted})
 
 
-def convert(value: object, annotation: Any, where: str, base: Path) -> Any:
+def convert(value: object, annotation: Any, where: str, *, base: Path) -> Any:
     """Check a JSON value against a field's type and convert it (paths are taken from `base`).
 
     Raises:
@@ -250,9 +251,9 @@ def convert(value: object, annotation: Any, where: str, base: Path) -> Any:
         if value is None and type(None) in args:
             return None
         if Path in options:  # str | Path: a path
-            return convert(value, Path, where, base)
+            return convert(value, Path, where, base=base)
         if len(options) == 1:
-            return convert(value, options[0], where, base)
+            return convert(value, options[0], where, base=base)
         raise TypeError(f"{where}: a field of type {annotation} cannot be read from a manifest")
     if annotation is Path:
         if not isinstance(value, str) or not value:
@@ -281,14 +282,16 @@ def convert(value: object, annotation: Any, where: str, base: Path) -> Any:
     if origin in (list, tuple):
         if not isinstance(value, list):
             raise ValueError(f"{where} must be a list, got {json.dumps(value)}")
-        items = [convert(item, args[0], f"{where}[{index}]", base) for index, item in enumerate(cast(list[Any], value))]
+        items = [
+            convert(item, args[0], f"{where}[{index}]", base=base) for index, item in enumerate(cast(list[Any], value))
+        ]
         return items if origin is list else tuple(items)
     if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
-        return convert_dataclass(value, annotation, where, base)
+        return convert_dataclass(value, annotation, where, base=base)
     raise TypeError(f"{where}: a field of type {annotation} cannot be read from a manifest")
 
 
-def convert_dataclass(value: object, annotation: type[Any], where: str, base: Path) -> Any:
+def convert_dataclass(value: object, annotation: type[Any], where: str, *, base: Path) -> Any:
     """Read an object into a dataclass (a ControlNet, a LoRA, an IP-Adapter), naming unknown and missing fields."""
     if not isinstance(value, dict):
         raise ValueError(f"{where} must be an object, got {json.dumps(value)}")
@@ -304,4 +307,6 @@ def convert_dataclass(value: object, annotation: type[Any], where: str, base: Pa
     if missing := [name for name in required if name not in given]:
         raise ValueError(f"missing field {where}.{missing[0]}")
     hints = typing.get_type_hints(annotation)
-    return annotation(**{name: convert(item, hints[name], f"{where}.{name}", base) for name, item in given.items()})
+    return annotation(
+        **{name: convert(item, hints[name], f"{where}.{name}", base=base) for name, item in given.items()}
+    )

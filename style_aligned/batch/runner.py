@@ -26,7 +26,7 @@ BATCH_KEY = "batch"
 """The sidecar's key that records the manifest line a set was made from (its id, split and identity)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BatchProgress:
     """Where a batch stands, after an event.
 
@@ -168,17 +168,21 @@ class BatchRunner:
     def _first_tasks(self, run: _SetRun) -> list[Task]:
         entry = run.entry
         if len(run.shares) == 1:
-            return [Task(entry)]
+            return [Task(entry=entry)]
         if entry.kind == "transfer" and entry.trajectory is None:  # invert once, then every share reuses it
-            return [Task(entry, invert=True)]
-        return [Task(entry, images=share) for share in run.shares]
+            return [Task(entry=entry, invert=True)]
+        return [Task(entry=entry, images=share) for share in run.shares]
 
     def report(self, message: str = "") -> None:
         if self._progress:
             running = sum(1 for run in self.sets.values() if run.running)
             summary = self.summary
             done, skipped, failed = len(summary.done), len(summary.skipped), len(summary.failed)
-            self._progress(BatchProgress(self.total, done, skipped, failed, running, message))
+            self._progress(
+                BatchProgress(
+                    total=self.total, done=done, skipped=skipped, failed=failed, running=running, message=message
+                )
+            )
 
     def run(self) -> BatchSummary:
         """Run every task to its end: each set is written when its last share is made, or reported failed."""
@@ -214,7 +218,7 @@ class BatchRunner:
         if finished.error is not None:
             self._failed(run, task, finished.error)
         elif isinstance(finished.result, ReferenceTrajectory):
-            shares = [Task(run.entry, images=share, trajectory=finished.result) for share in run.shares]
+            shares = [Task(entry=run.entry, images=share, trajectory=finished.result) for share in run.shares]
             self.pending.extendleft(reversed(shares))
             self.report(f"inverted the reference of {run.entry.id}")
         else:

@@ -21,7 +21,7 @@ from style_aligned.pipeline.transfer import TransferSpec, make_trajectory, trans
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Task:
     """One piece of work: a whole set, one share of a split set, or the inversion that the shares of a split
     transfer reuse.
@@ -50,7 +50,7 @@ class Task:
         return f"{self.entry.id} (share {share}/{len(self.entry.shares())})"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Rendered:
     """What a task made: images by index, with what the set's files need.
 
@@ -151,7 +151,7 @@ class SetWorker:
             except (OSError, UnidentifiedImageError) as error:
                 raise ValueError(f"cannot read the reference image {entry.image}: {error}") from None
             print(f"inverting {entry.image} ({spec.steps} DDIM steps)", file=sys.stderr)
-            trajectory = make_trajectory(sd, image, entry.caption, spec)
+            trajectory = make_trajectory(sd, image, entry.caption, spec=spec)
         if task.invert:
             return replace(trajectory, latents=trajectory.latents.cpu())
         prompts = [trajectory.caption, *spec.prompts]

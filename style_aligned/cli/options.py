@@ -139,7 +139,9 @@ def extras(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "controls": [ControlSpec(args.controlnet, list(args.control), args.control_scale)] if args.controlnet else [],
         "loras": [lora(text) for text in loras],
-        "ip_adapter": IPAdapterSpec(weights, encoder, image, args.ip_adapter_scale) if weights else None,
+        "ip_adapter": IPAdapterSpec(weights=weights, image_encoder=encoder, image=image, scale=args.ip_adapter_scale)
+        if weights
+        else None,
     }
 
 
@@ -232,7 +234,7 @@ class ProgressBar:
 
 
 def write_set(
-    out: Path, make: Callable[[ProgressBar], Any], details: dict[str, Any], title: str, overwrite: bool = False
+    out: Path, make: Callable[[ProgressBar], Any], details: dict[str, Any], *, title: str, overwrite: bool = False
 ) -> None:
     """Write a set's sidecar, make the set under a progress bar, then write its images and grid, and print `out`.
 

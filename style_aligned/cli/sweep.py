@@ -93,7 +93,15 @@ def run_sweep_command(args: argparse.Namespace) -> None:
     bar = ProgressBar(f"{len(settings)} settings x {len(spec.image_prompts())} images")
     try:
         result = run_sweep(
-            sd, spec, settings, args.out, bar, args.clip, args.dino, args.text_until, details={"model": str(args.model)}
+            sd,
+            spec,
+            settings,
+            out=args.out,
+            progress=bar,
+            clip=args.clip,
+            dino=args.dino,
+            text_until=args.text_until,
+            details={"model": str(args.model)},
         )
     finally:
         bar.close()

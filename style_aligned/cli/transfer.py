@@ -149,7 +149,7 @@ def run_transfer(args: argparse.Namespace) -> None:
         zip(args.images or [], pictures, args.captions or [], strict=True)
     ):
         print(f"inverting {path} ({spec.steps} DDIM steps)", file=sys.stderr)
-        trajectory = make_trajectory(sd, picture, caption, spec)
+        trajectory = make_trajectory(sd, picture, caption, spec=spec)
         if save_to:
             trajectory.save(save_to[index])
             print(f"saved the inversion to {save_to[index]}", file=sys.stderr)

@@ -192,7 +192,7 @@ def mean_pairwise_cosine(embeddings: torch.Tensor) -> float:
     return float((unit @ unit.T)[rows, columns].mean())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SetFiles:
     """The images of a set and their prompts, read from its sidecar (the reference first)."""
 
@@ -217,7 +217,7 @@ def read_set(directory: Path) -> SetFiles:
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: the set is incomplete (was its generation interrupted?)")
-    return SetFiles(directory, str(data.get("command", "")), prompts, paths)
+    return SetFiles(path=directory, command=str(data.get("command", "")), prompts=prompts, images=paths)
 
 
 def _strings(value: Any) -> list[str] | None:
@@ -243,7 +243,7 @@ def find_sets(directory: Path) -> list[Path]:
     return sets
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SetScores:
     """The metrics of one set.
 
@@ -306,6 +306,7 @@ def evaluate_set(
     files: SetFiles,
     clip: ClipScorer,
     dino: DinoScorer,
+    *,
     name: str | None = None,
     text_until: str | None = None,
     include_reference: bool = True,
@@ -346,6 +347,7 @@ def evaluate_sets(
     directories: Sequence[Path],
     clip: ClipScorer,
     dino: DinoScorer,
+    *,
     text_until: str | None = None,
     include_reference: bool = True,
     batch_size: int = 16,
@@ -374,7 +376,17 @@ def evaluate_sets(
             progress(index, len(sets), files.path)
         relative = files.path.resolve().relative_to(common).as_posix()
         name = files.path.resolve().name if relative == "." else relative
-        rows.append(evaluate_set(files, clip, dino, name, text_until, include_reference, batch_size))
+        rows.append(
+            evaluate_set(
+                files,
+                clip,
+                dino,
+                name=name,
+                text_until=text_until,
+                include_reference=include_reference,
+                batch_size=batch_size,
+            )
+        )
     return Evaluation(rows)
 
 

@@ -79,7 +79,11 @@ def setting_label(setting: Mapping[str, Any]) -> str:
 
 
 def contact_sheet(
-    rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str], column_labels: Sequence[str], max_size: int = 384
+    rows: Sequence[Sequence[Image.Image]],
+    row_labels: Sequence[str],
+    column_labels: Sequence[str],
+    *,
+    max_size: int = 384,
 ) -> Image.Image:
     """Lay out rows of images on a white sheet, with column labels on top and each row's label above it.
 
@@ -164,7 +168,7 @@ def plot_consistency(points: Sequence[tuple[str, float, float]], path: Path) -> 
     save_png(Image.open(buffer), path)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SweepResult:
     """What a sweep wrote: a set folder per setting, the contact sheet, and, when scored, the table and plot.
 
@@ -219,6 +223,7 @@ def run_sweep(
     sd: "StableDiffusion",
     spec: "SetSpec",
     settings: Sequence[Mapping[str, Any]],
+    *,
     out: Path,
     progress: "Progress | None" = None,
     clip: Path | str | None = None,
@@ -298,7 +303,7 @@ def run_sweep(
         rows.append(generated.images)
     columns = [f"reference: {prompts[0]}", *prompts[1:]]
     save_png(contact_sheet(rows, [f"{n}. {label}" for n, label in enumerate(labels, 1)], columns), out / CONTACT_SHEET)
-    result = SweepResult(plain, labels, folders, out / CONTACT_SHEET)
+    result = SweepResult(settings=plain, labels=labels, folders=folders, contact_sheet=out / CONTACT_SHEET)
     if scorers is None:
         return result
     pairs = list(zip(folders, labels, strict=True))

@@ -17,6 +17,7 @@ def reference_score_bias(
     num_keys: int,
     shift: float,
     device: torch.device,
+    *,
     dtype: torch.dtype,
 ) -> Float[Tensor, "1 1 1 num_keys"]:
     """Build the float attention mask that adds `shift` to the logits of the appended reference tokens.
@@ -39,6 +40,7 @@ def attention_with_lse(
     query: Float[Tensor, "batch heads num_queries head_dim"],
     key: Float[Tensor, "batch heads num_keys head_dim"],
     value: Float[Tensor, "batch heads num_keys head_dim"],
+    *,
     scale: float,
 ) -> tuple[Float[Tensor, "batch heads num_queries head_dim"], Float[Tensor, "batch heads num_queries"]]:
     """Scaled dot-product attention and the log-sum-exp of its logits, by a fused kernel where torch has one.

@@ -22,8 +22,8 @@ def reference_logit_bias(
     num_own: int,
     num_tokens: int,
     mixture_weights: tuple[float, ...],
-    shift: float,
     *,
+    shift: float,
     device: torch.device,
     dtype: torch.dtype,
 ) -> Float[Tensor, "1 1 1 num_keys"] | None:
@@ -129,7 +129,7 @@ class ReferenceAttention(BiasedScaledDotProductAttention):
             keys, values = shared_keys, shared_values
         num_own = num_tokens if self.mode == "concat" else 0
         bias = reference_logit_bias(
-            num_own, num_tokens, cache.mixture_weights, self.shift, device=query.device, dtype=query.dtype
+            num_own, num_tokens, cache.mixture_weights, shift=self.shift, device=query.device, dtype=query.dtype
         )
         keys, values = keys.flatten(0, 1), values.flatten(0, 1)  # (halves * targets, keys, channels)
         for start in range(0, num_queries, step):

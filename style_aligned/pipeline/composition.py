@@ -57,7 +57,7 @@ class LoraSpec:
     scale: float = 1.0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class IPAdapterSpec:
     """An IP-Adapter whose image prompt conditions every image of the set.
 
@@ -129,7 +129,7 @@ class Composition:
     removed before the error propagates.
     """
 
-    def __init__(self, sd: StableDiffusion, extras: Extras, num_images: int, width: int, height: int) -> None:
+    def __init__(self, sd: StableDiffusion, extras: Extras, num_images: int, *, width: int, height: int) -> None:
         """Check the extras against the set.
 
         Raises:
@@ -176,9 +176,9 @@ class Composition:
     def _controlnet(self, control: ControlSpec, name: str) -> Any:
         sd = self.sd
         if isinstance(sd, StableDiffusion_XL):
-            weights = load_model(control.weights, sd.device, sd.dtype, kind="sdxl_controlnet").state_dict()
+            weights = load_model(control.weights, device=sd.device, dtype=sd.dtype, kind="sdxl_controlnet").state_dict()
             return SDXLControlnetAdapter(sd.unet, name=name, scale=control.scale, weights=weights)
-        weights = load_model(control.weights, sd.device, sd.dtype, kind="sd1_controlnet").state_dict()
+        weights = load_model(control.weights, device=sd.device, dtype=sd.dtype, kind="sd1_controlnet").state_dict()
         return SD1ControlnetAdapter(sd.unet, name=name, scale=control.scale, weights=weights)
 
     def _image_prompt(self, spec: IPAdapterSpec) -> tuple[Any, Tensor]:

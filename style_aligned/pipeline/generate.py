@@ -38,7 +38,7 @@ DEFAULT_GUIDANCE: dict[ModelKind, float] = {"sdxl": 5.0, "sd1": 7.5}
 """The classifier-free guidance scale of the reference examples."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ProgressEvent:
     """Where a generation stands: one unit of work per U-Net call and per decoded image.
 
@@ -65,7 +65,7 @@ class ProgressEvent:
 Progress = Callable[[ProgressEvent], None]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SetSpec:
     """A style-consistent set to generate.
 
@@ -211,7 +211,7 @@ class SetConditioning:
     (`force_zeros_for_empty_prompt`) and the reference implementation's inversion does.
     """
 
-    def __init__(self, sd: StableDiffusion, prompts: Sequence[str], negative_prompt: str, width: int, height: int):
+    def __init__(self, sd: StableDiffusion, prompts: Sequence[str], negative_prompt: str, *, width: int, height: int):
         with torch.no_grad():
             encoded = {prompt: self._encode(sd, prompt, negative_prompt) for prompt in dict.fromkeys(prompts)}
         self._texts = [encoded[prompt][0] for prompt in prompts]  # (2, tokens, channels) each: [negative, prompt]
@@ -276,7 +276,7 @@ def autoencoder_in_float32(sd: StableDiffusion) -> Generator[None]:
         sd.lda.to(dtype=dtype)
 
 
-def initial_noise(spec: SetSpec, count: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+def initial_noise(spec: SetSpec, count: int, *, device: torch.device, dtype: torch.dtype) -> Tensor:
     """The initial latents of a set: image `i` gets the `i`-th draw of the seeded generator."""
     assert spec.width is not None and spec.height is not None
     generator = torch.Generator().manual_seed(spec.seed)
@@ -370,8 +370,8 @@ def denoise_set(
     sd: StableDiffusion,
     adapter: StyleAlignedAdapter[Any],
     latents: Tensor,
-    conditioning: SetConditioning,
     *,
+    conditioning: SetConditioning,
     guidance: float,
     chunk_size: int | None = None,
     steps: Sequence[int] | None = None,
@@ -428,7 +428,17 @@ def denoise_set(
         if progress:
             done = (step_number - 1) * len(groups) + call
             phase = "targets" if len(groups[0]) > 1 else "reference"
-            progress(ProgressEvent(done, total, phase, step_number, len(steps), call, len(groups)))
+            progress(
+                ProgressEvent(
+                    done=done,
+                    total=total,
+                    phase=phase,
+                    step=step_number,
+                    steps=len(steps),
+                    chunk=call,
+                    chunks=len(groups),
+                )
+            )
 
     with torch.no_grad():
         for step_number, step in enumerate(steps, start=1):
@@ -449,7 +459,7 @@ def denoise_set(
                         classifier_free_guidance=cfg,
                     )
                 rng = None if generators is None else [generators[image] for image in images]
-                x[rows] = solver_step(solvers[call - 1], x[rows], noise, step, rng)
+                x[rows] = solver_step(solvers[call - 1], x[rows], noise, step=step, generators=rng)
                 if call == 1 and after_reference_step is not None:
                     x[:count] = after_reference_step(step, x[:count])
                 report(step_number, call)
@@ -461,8 +471,8 @@ def denoise_with_extras(
     sd: StableDiffusion,
     spec: SetSpec,
     latents: Tensor,
-    conditioning: SetConditioning,
     *,
+    conditioning: SetConditioning,
     solver: Solver,
     progress: Progress | None = None,
     after_reference_step: Callable[[int, Tensor], Tensor] | None = None,
@@ -499,14 +509,14 @@ def denoise_with_extras(
     try:
         if lcm is not None:
             lcm.set_condition_scale(spec.guidance)
-        with Composition(sd, spec.extras(), latents.shape[0], spec.width, spec.height) as composition:
+        with Composition(sd, spec.extras(), latents.shape[0], width=spec.width, height=spec.height) as composition:
             adapter.inject()
             try:
                 return denoise_set(
                     sd,
                     adapter,
                     latents,
-                    conditioning,
+                    conditioning=conditioning,
                     guidance=spec.guidance,
                     chunk_size=spec.chunk_size,
                     after_reference_step=after_reference_step,
@@ -523,9 +533,9 @@ def denoise_with_extras(
             lcm.set_condition_scale(previous_scale)
 
 
-def initial_latents(spec: SetSpec, count: int, solver: Solver, sd: StableDiffusion) -> Tensor:
+def initial_latents(spec: SetSpec, count: int, solver: Solver, *, sd: StableDiffusion) -> Tensor:
     """The initial noise of a set (see `initial_noise`), scaled as the solver needs it (Euler's initial sigma)."""
-    return solver.scale_model_input(initial_noise(spec, count, sd.device, sd.dtype), step=-1)
+    return solver.scale_model_input(initial_noise(spec, count, device=sd.device, dtype=sd.dtype), step=-1)
 
 
 Preview = Callable[[Tensor], None]
@@ -641,14 +651,14 @@ def generate_latents(
     spec = spec.resolved(sd)
     assert spec.width is not None and spec.height is not None and spec.guidance is not None
     prompts = spec.image_prompts()
-    conditioning = SetConditioning(sd, prompts, spec.negative_prompt, spec.width, spec.height)
+    conditioning = SetConditioning(sd, prompts, spec.negative_prompt, width=spec.width, height=spec.height)
     solver = spec.make_solver(sd)
-    latents = initial_latents(spec, len(prompts), solver, sd)
+    latents = initial_latents(spec, len(prompts), solver, sd=sd)
     latents = denoise_with_extras(
         sd,
         spec,
         latents,
-        conditioning,
+        conditioning=conditioning,
         solver=solver,
         progress=progress,
         targets=targets,
@@ -667,5 +677,15 @@ def decode(
         for index in range(count):
             images.append(sd.lda.latents_to_image(latents[index : index + 1].to(sd.lda.dtype)))
             if progress:
-                progress(ProgressEvent(total - count + index + 1, total, "decode", 0, 0, index + 1, count))
+                progress(
+                    ProgressEvent(
+                        done=total - count + index + 1,
+                        total=total,
+                        phase="decode",
+                        step=0,
+                        steps=0,
+                        chunk=index + 1,
+                        chunks=count,
+                    )
+                )
     return images

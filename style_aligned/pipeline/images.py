@@ -29,6 +29,7 @@ def labelled_grid(
     images: Sequence[Image.Image],
     labels: Sequence[str],
     columns: int | None = None,
+    *,
     title: str | None = None,
 ) -> Image.Image:
     """Lay images out on a white sheet, each with its label (wrapped) below it.
@@ -71,7 +72,7 @@ def labelled_grid(
     return sheet
 
 
-def fit_image(image: Image.Image, width: int, height: int, fit: Fit = "crop") -> Image.Image:
+def fit_image(image: Image.Image, width: int, height: int, *, fit: Fit = "crop") -> Image.Image:
     """Convert any PIL image to RGB at the given size.
 
     Transparent images are composited over white; grayscale and palette images are converted to RGB.

@@ -60,7 +60,7 @@ class DDIMInversion:
         return scales[timestep] * clean + stds[timestep] * predicted_noise
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ReferenceTrajectory:
     """The DDIM inversion trajectory of a reference image, reusable for many sets.
 
@@ -95,7 +95,9 @@ class ReferenceTrajectory:
             "model": self.model,
             "guidance": repr(self.guidance),
         }
-        write_safetensors(Path(path), [("latents", latents.dtype, tuple(latents.shape))], lambda _: latents, metadata)
+        write_safetensors(
+            Path(path), [("latents", latents.dtype, tuple(latents.shape))], lambda _: latents, metadata=metadata
+        )
 
     @classmethod
     def load(cls, path: Path | str) -> "ReferenceTrajectory":
@@ -119,7 +121,7 @@ class ReferenceTrajectory:
             guidance=float(metadata["guidance"]),
         )
 
-    def check_fits(self, sd: StableDiffusion, solver: DDIM, width: int, height: int) -> None:
+    def check_fits(self, sd: StableDiffusion, solver: DDIM, *, width: int, height: int) -> None:
         """Check that this trajectory was made with this model, this schedule and this size.
 
         Raises:
@@ -147,11 +149,11 @@ def model_identity(sd: StableDiffusion) -> str:
 
 
 def encode_image(
-    sd: StableDiffusion, image: Image.Image, width: int, height: int, fit: Fit = "crop"
+    sd: StableDiffusion, image: Image.Image, *, width: int, height: int, fit: Fit = "crop"
 ) -> Float[Tensor, "1 4 latent_height latent_width"]:
     """Fit an image to the size (see `fit_image`) and encode it: the autoencoder's latent mean, scaled."""
     with torch.no_grad(), autoencoder_in_float32(sd):
-        latents = sd.lda.images_to_latents([fit_image(image, width, height, fit)])
+        latents = sd.lda.images_to_latents([fit_image(image, width, height, fit=fit)])
     return latents.to(dtype=sd.dtype)
 
 
@@ -159,6 +161,7 @@ def invert(
     sd: StableDiffusion,
     latents: Float[Tensor, "1 4 latent_height latent_width"],
     caption: str,
+    *,
     solver: DDIM,
     guidance: float = 2.0,
     width: int | None = None,
@@ -183,7 +186,7 @@ def invert(
     width = width or latents.shape[-1] * 8
     height = height or latents.shape[-2] * 8
     inversion = DDIMInversion(solver)
-    conditioning = SetConditioning(sd, [caption], "", width, height)([0])
+    conditioning = SetConditioning(sd, [caption], "", width=width, height=height)([0])
     x = latents
     trajectory = [x]
     with torch.no_grad():

@@ -44,7 +44,7 @@ DEFAULT_STRIDE: dict[ModelKind, int] = {"sd1": 64, "sdxl": 128}
 DEFAULT_VIEW_BATCH = 4
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PanoramaSpec:
     """A panorama in the style of a reference image.
 
@@ -169,7 +169,7 @@ def panorama_targets(spec: PanoramaSpec, clip_text_embedding: Tensor) -> list[Di
     ]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StyleAlignedMultiDiffusion(MultiDiffusion[Any, DiffusionTarget]):
     """Refiners' MultiDiffusion whose views run `view_batch` at a time as targets of the recorded reference.
 
@@ -205,7 +205,7 @@ class StyleAlignedMultiDiffusion(MultiDiffusion[Any, DiffusionTarget]):
         return self._denoised[id(target)]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Panorama:
     """A generated panorama, its reference image, and the resolved spec that made them."""
 
@@ -231,9 +231,17 @@ def reference_trajectory(sd: StableDiffusion, spec: PanoramaSpec) -> ReferenceTr
         except OSError as error:
             raise ValueError(f"cannot read the reference image {spec.reference_image}: {error}") from None
     view_height, view_width = spec.view_shape()
-    latents = encode_image(sd, image, view_width, view_height, spec.fit)
+    latents = encode_image(sd, image, width=view_width, height=view_height, fit=spec.fit)
     solver = ddim(sd, spec.steps)
-    return invert(sd, latents, spec.reference_prompt, solver, spec.inversion_guidance, view_width, view_height)
+    return invert(
+        sd,
+        latents,
+        spec.reference_prompt,
+        solver=solver,
+        guidance=spec.inversion_guidance,
+        width=view_width,
+        height=view_height,
+    )
 
 
 def generate_panorama(sd: StableDiffusion, spec: PanoramaSpec, progress: Progress | None = None) -> Panorama:
@@ -261,7 +269,7 @@ def generate_panorama(sd: StableDiffusion, spec: PanoramaSpec, progress: Progres
     trajectory = reference_trajectory(sd, spec) if spec.reference_image is not None else None
     view_height, view_width = spec.view_shape()
     conditioning = SetConditioning(
-        sd, [spec.reference_prompt, spec.prompt], spec.negative_prompt, view_width, view_height
+        sd, [spec.reference_prompt, spec.prompt], spec.negative_prompt, width=view_width, height=view_height
     )
     generator = torch.Generator().manual_seed(spec.seed)
     reference = torch.randn(1, 4, view_height // 8, view_width // 8, generator=generator)
@@ -275,7 +283,11 @@ def generate_panorama(sd: StableDiffusion, spec: PanoramaSpec, progress: Progres
 
     def report(phase: str, done: int, step: int, chunk: int, chunks: int) -> None:
         if progress:
-            progress(ProgressEvent(done, total, phase, step, len(steps), chunk, chunks))
+            progress(
+                ProgressEvent(
+                    done=done, total=total, phase=phase, step=step, steps=len(steps), chunk=chunk, chunks=chunks
+                )
+            )
 
     trajectory_latents = None
     if trajectory is not None:

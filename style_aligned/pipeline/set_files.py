@@ -68,7 +68,7 @@ def sidecar_versions() -> dict[str, str]:
 
 
 def write_set_images(
-    directory: Path, images: Sequence[Image.Image], prompts: Sequence[str], title: str, num_references: int = 1
+    directory: Path, images: Sequence[Image.Image], prompts: Sequence[str], *, title: str, num_references: int = 1
 ) -> None:
     """Write each image (atomically, so an interruption never leaves a partial file), then the labelled grid."""
     for index, (image, prompt) in enumerate(zip(images, prompts, strict=True)):

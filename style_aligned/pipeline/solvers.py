@@ -128,6 +128,7 @@ def solver_step(
     solver: Solver,
     x: Tensor,
     predicted_noise: Tensor,
+    *,
     step: int,
     generators: list[Generator] | None = None,
 ) -> Tensor:

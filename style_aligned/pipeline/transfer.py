@@ -30,7 +30,7 @@ INVERSION_GUIDANCE = 2.0
 OFFSET = 5
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TransferSpec(SetSpec):
     """A set in the style of real images; `prompts` are the targets, the images' captions are the reference prompts.
 
@@ -76,6 +76,7 @@ def make_trajectory(
     sd: StableDiffusion,
     image: Image.Image,
     caption: str,
+    *,
     spec: TransferSpec,
     progress: Callable[[int, int], None] | None = None,
 ) -> ReferenceTrajectory:
@@ -85,9 +86,18 @@ def make_trajectory(
     """
     spec = replace(spec, reference_prompts=None, reference_weights=None).resolved(sd)  # the image alone
     assert spec.width is not None and spec.height is not None
-    latents = encode_image(sd, image, spec.width, spec.height, spec.fit)
+    latents = encode_image(sd, image, width=spec.width, height=spec.height, fit=spec.fit)
     solver = ddim(sd, spec.steps)
-    return invert(sd, latents, caption, solver, spec.inversion_guidance, spec.width, spec.height, progress=progress)
+    return invert(
+        sd,
+        latents,
+        caption,
+        solver=solver,
+        guidance=spec.inversion_guidance,
+        width=spec.width,
+        height=spec.height,
+        progress=progress,
+    )
 
 
 Trajectories = ReferenceTrajectory | Sequence[ReferenceTrajectory]
@@ -98,8 +108,8 @@ def transfer_latents(
     sd: StableDiffusion,
     trajectory: Trajectories,
     spec: TransferSpec,
-    progress: Progress | None = None,
     *,
+    progress: Progress | None = None,
     targets: Sequence[int] | None = None,
     preview: Preview | None = None,
 ) -> tuple[Tensor, TransferSpec]:
@@ -129,10 +139,10 @@ def transfer_latents(
     assert spec.width is not None and spec.height is not None and spec.guidance is not None
     solver = ddim(sd, spec.steps)
     for reference_trajectory in trajectories:
-        reference_trajectory.check_fits(sd, solver, spec.width, spec.height)
+        reference_trajectory.check_fits(sd, solver, width=spec.width, height=spec.height)
     prompts = spec.image_prompts()
-    latents = initial_noise(spec, len(prompts), sd.device, sd.dtype)
-    conditioning = SetConditioning(sd, prompts, spec.negative_prompt, spec.width, spec.height)
+    latents = initial_noise(spec, len(prompts), device=sd.device, dtype=sd.dtype)
+    conditioning = SetConditioning(sd, prompts, spec.negative_prompt, width=spec.width, height=spec.height)
     references = torch.stack([t.latents.to(device=sd.device, dtype=sd.dtype) for t in trajectories], dim=1)
     latents[: len(trajectories)] = references[spec.offset]  # references: (steps + 1, k, 4, h, w)
     first_step = solver.first_inference_step
@@ -144,7 +154,7 @@ def transfer_latents(
         sd,
         spec,
         latents,
-        conditioning,
+        conditioning=conditioning,
         solver=solver,
         progress=progress,
         after_reference_step=with_preview(follow_trajectory, preview),
@@ -157,8 +167,8 @@ def transfer_set(
     sd: StableDiffusion,
     trajectory: Trajectories,
     spec: TransferSpec,
-    progress: Progress | None = None,
     *,
+    progress: Progress | None = None,
     images: Sequence[int] | None = None,
     preview: Preview | None = None,
 ) -> GeneratedSet:
@@ -186,5 +196,5 @@ def transfer_set(
     """
     count = len([trajectory] if isinstance(trajectory, ReferenceTrajectory) else list(trajectory))
     targets = part_targets(len(spec.prompts) + count, images, num_references=count)
-    latents, spec = transfer_latents(sd, trajectory, spec, progress, targets=targets, preview=preview)
+    latents, spec = transfer_latents(sd, trajectory, spec, progress=progress, targets=targets, preview=preview)
     return decode_set(sd, latents, spec, progress=progress, targets=targets)

@@ -15,7 +15,7 @@ from refiners.foundationals.latent_diffusion.stable_diffusion_xl.text_encoder im
 from style_aligned.weights.controlnet_xl import SDXLControlnet
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Architecture:
     """A model that can be converted from the diffusers layout to Refiners.
 

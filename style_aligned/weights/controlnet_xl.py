@@ -31,7 +31,7 @@ class SDXLControlnet(fl.Passthrough):
     """
 
     def __init__(
-        self, name: str, scale: float = 1.0, device: Device | str | None = None, dtype: DType | None = None
+        self, name: str, scale: float = 1.0, *, device: Device | str | None = None, dtype: DType | None = None
     ) -> None:
         """Initialize the ControlNet.
 
@@ -103,6 +103,7 @@ class SDXLControlnetAdapter(fl.Chain, Adapter[SDXLUNet]):
         target: SDXLUNet,
         name: str,
         scale: float = 1.0,
+        *,
         weights: dict[str, Tensor] | None = None,
     ) -> None:
         """Initialize the adapter.

@@ -341,7 +341,7 @@ def convert(
                     "dtype": str(entries[0][1]).removeprefix("torch."),
                     "converter": f"style-aligned {version('style-aligned')}",
                 }
-                write_safetensors(output, entries, lambda key, m=model: m.read(key, dtype), metadata)
+                write_safetensors(output, entries, lambda key, m=model: m.read(key, dtype), metadata=metadata)
                 written.append(output)
         except BaseException:
             for path in written:

@@ -24,7 +24,7 @@ _WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HubModel:
     """A pipeline resolved to a local folder.
 
@@ -204,7 +204,7 @@ def download_pipeline(repo_id: str, revision: str | None = None, half: bool = Fa
     else:
         folder = cached
     variant = "fp16" if "fp16" in variants else None  # preferred where present, the plain weights elsewhere
-    return HubModel(folder, variant, name, from_hub=True)
+    return HubModel(path=folder, variant=variant, reference=name, from_hub=True)
 
 
 def resolve_model(reference: str | Path, half: bool = False) -> HubModel:
@@ -216,7 +216,7 @@ def resolve_model(reference: str | Path, half: bool = False) -> HubModel:
     text = str(reference)
     path = Path(reference).expanduser()
     if path.exists():
-        return HubModel(path, None, text)
+        return HubModel(path=path, variant=None, reference=text)
     if path.suffix in (".safetensors", *PICKLE_SUFFIXES):
         raise WeightsError(f"the checkpoint file {path} does not exist")
     if (parsed := parse_repo_id(text)) is None:

@@ -68,7 +68,7 @@ def model_kind(path: Path | str) -> str:
 
 
 def load_model(
-    path: Path | str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, kind: str | None = None
+    path: Path | str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, kind: str | None = None
 ) -> fl.Chain:
     """Load a converted Refiners model file.
 
@@ -113,6 +113,7 @@ def load_pipeline(
     path: Path | str,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    *,
     cache_dir: Path | str | None = None,
 ) -> StableDiffusion:
     """Build a ready `StableDiffusion_XL` or `StableDiffusion_1` from wherever the model is kept.

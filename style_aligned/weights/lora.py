@@ -31,7 +31,7 @@ class LoraError(WeightsError):
     """A LoRA file that cannot be attached to the model, with the reason."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LoraWeights:
     """The down and up weights (and optional alpha) of one LoRA layer, with the keys they came from."""
 

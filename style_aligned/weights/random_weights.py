@@ -53,6 +53,7 @@ def build_random(
     factory: Callable[[], M],
     seed: int = 0,
     device: torch.device | str = "cpu",
+    *,
     dtype: torch.dtype = torch.float32,
 ) -> M:
     """Build a model with random weights without running its own initialisation.

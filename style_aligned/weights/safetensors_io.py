@@ -13,6 +13,7 @@ import os
 import uuid
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from io import BufferedReader
 from pathlib import Path
 from types import TracebackType
@@ -58,11 +59,14 @@ def pickle_error(path: Path) -> WeightsError:
     )
 
 
+@dataclass(frozen=True, kw_only=True)
 class TensorInfo:
-    """Where one tensor lies in a safetensors file."""
+    """Where one tensor lies in a safetensors file: its dtype, shape and byte range in the data section."""
 
-    def __init__(self, dtype: torch.dtype, shape: tuple[int, ...], begin: int, end: int) -> None:
-        self.dtype, self.shape, self.begin, self.end = dtype, shape, begin, end
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
 
 
 class SafetensorsReader:
@@ -133,7 +137,7 @@ class SafetensorsReader:
         begin, end = (int(n) for n in entry["data_offsets"])
         if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
             raise ValueError(f"tensor {key} has {end - begin} bytes for shape {list(shape)} of {entry['dtype']}")
-        return TensorInfo(dtype, shape, begin, end)
+        return TensorInfo(dtype=dtype, shape=shape, begin=begin, end=end)
 
     def keys(self) -> list[str]:
         """The tensor names, in file order."""
@@ -184,6 +188,7 @@ def write_safetensors(
     path: Path,
     entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
     produce: Callable[[str], Tensor],
+    *,
     metadata: dict[str, str] | None = None,
 ) -> None:
     """Write a safetensors file by streaming its tensors, atomically.

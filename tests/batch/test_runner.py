@@ -38,15 +38,25 @@ class StandIn:
         slot, task = self.running.pop()
         entry = task.entry
         if entry.id.startswith("bad"):
-            return [Finished(slot, task, error="ValueError: cannot read the reference image")]
+            return [Finished(slot=slot, task=task, error="ValueError: cannot read the reference image")]
         if task.invert:
-            trajectory = ReferenceTrajectory(torch.zeros(2, 4, 1, 1), [1], 8, 8, "caption", "model", 2.0)
-            return [Finished(slot, task, result=trajectory)]
+            trajectory = ReferenceTrajectory(
+                latents=torch.zeros(2, 4, 1, 1),
+                timesteps=[1],
+                width=8,
+                height=8,
+                caption="caption",
+                model="model",
+                guidance=2.0,
+            )
+            return [Finished(slot=slot, task=task, result=trajectory)]
         prompts = entry.spec.image_prompts() if entry.kind == "generate" else ["caption", *entry.spec.prompts]
         indices = task.images if task.images is not None else tuple(range(len(prompts)))
         images = {index: Image.new("RGB", (8, 8), (index * 40, 0, 0)) for index in indices}
         details = {"images": [image_name(index, prompt) for index, prompt in enumerate(prompts)]}
-        return [Finished(slot, task, result=Rendered(images, prompts, details, title="t"))]
+        return [
+            Finished(slot=slot, task=task, result=Rendered(images=images, prompts=prompts, details=details, title="t"))
+        ]
 
     def close(self) -> None:
         pass

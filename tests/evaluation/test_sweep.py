@@ -155,7 +155,9 @@ def sd(sd1_converted: Path) -> Iterator[Any]:
 def test_unscored_sweep_api(sd: Any, tmp_path: Path) -> None:
     events: list[ProgressEvent] = []
     spec = SetSpec(prompts=[PROMPTS[0]], steps=1, width=64, height=64, style=StyleAlignedOptions(adain_values=True))
-    result = run_sweep(sd, spec, parse_grid(["only-self-level=0,1"]), tmp_path, events.append, details={"model": "m"})
+    result = run_sweep(
+        sd, spec, parse_grid(["only-self-level=0,1"]), out=tmp_path, progress=events.append, details={"model": "m"}
+    )
     assert result.labels == ["only_self_level=0", "only_self_level=1"]
     assert result.scores is None and result.csv is None and result.plot is None
     assert sorted(path.name for path in tmp_path.iterdir()) == [
@@ -188,7 +190,7 @@ def test_interrupted_sweep_keeps_finished_sets(sd: Any, tmp_path: Path, monkeypa
     monkeypatch.setattr(generate, "generate_set", interrupted_second_time)
     spec = SetSpec(prompts=[PROMPTS[0]], steps=1, width=64, height=64)
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(sd, spec, parse_grid(["adain_values=off,on"]), tmp_path)
+        run_sweep(sd, spec, parse_grid(["adain_values=off,on"]), out=tmp_path)
     first, second = tmp_path / "01-adain_values=off", tmp_path / "02-adain_values=on"
     assert len(read_set(first).images) == 1
     assert sorted(path.name for path in second.iterdir()) == ["set.json"]  # reported incomplete by evaluate
@@ -207,9 +209,9 @@ def test_interrupted_sweep_keeps_finished_sets(sd: Any, tmp_path: Path, monkeypa
 def test_settings_are_checked_first(sd: Any, settings: list[dict[str, Any]], message: str, tmp_path: Path) -> None:
     spec = SetSpec(prompts=PROMPTS, steps=2, width=64, height=64)
     with pytest.raises(ValueError, match=message):
-        run_sweep(sd, spec, settings, tmp_path / "sweep")
+        run_sweep(sd, spec, settings, out=tmp_path / "sweep")
     with pytest.raises(ValueError, match="set consistency needs at least two images"):
-        run_sweep(sd, replace(spec, prompts=PROMPTS[:1]), [{}], tmp_path / "sweep", clip=tmp_path, dino=tmp_path)
+        run_sweep(sd, replace(spec, prompts=PROMPTS[:1]), [{}], out=tmp_path / "sweep", clip=tmp_path, dino=tmp_path)
     assert not (tmp_path / "sweep").exists()
 
 

@@ -56,7 +56,7 @@ def test_one_reference_reduces_to_the_single_reference_layers(
     q, k, v = projections(layer, x)
     general = fl.Chain(
         *reference_attention_layers(
-            layer.ensure_find(fl.ScaledDotProductAttention), StyleAlignedOptions(**options), cfg, ReferenceCache()
+            layer.ensure_find(fl.ScaledDotProductAttention), StyleAlignedOptions(**options), cfg, cache=ReferenceCache()
         )
     )
     assert general.find(ReferenceAttention) is not None

@@ -137,10 +137,15 @@ def test_ip_adapter_conditions_the_whole_set_and_is_removed(
     sd: StableDiffusion_1, plain: np.ndarray, files: dict[str, Path], ip_adapter_files: dict[str, Path]
 ) -> None:
     before = state(sd)
-    ip_adapter = IPAdapterSpec(ip_adapter_files["weights"], ip_adapter_files["encoder"], files["control_0"], scale=1)
+    ip_adapter = IPAdapterSpec(
+        weights=ip_adapter_files["weights"],
+        image_encoder=ip_adapter_files["encoder"],
+        image=files["control_0"],
+        scale=1,
+    )
     prompted = pixels(generate_set(sd, replace(SPEC, ip_adapter=ip_adapter)).images)
     assert differs(prompted, plain) == [True, True, True]
-    wrong = IPAdapterSpec(files["lora"], ip_adapter_files["encoder"], files["control_0"])
+    wrong = IPAdapterSpec(weights=files["lora"], image_encoder=ip_adapter_files["encoder"], image=files["control_0"])
     with pytest.raises(ValueError, match="not an IP-Adapter for this model"):
         generate_set(sd, replace(SPEC, ip_adapter=wrong, loras=[LoraSpec(files["lora"])]))
     assert state(sd) == before

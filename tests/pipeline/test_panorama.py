@@ -131,7 +131,7 @@ def test_view_batch_does_not_change_the_panorama(sd: StableDiffusion_1) -> None:
 @pytest.mark.slow
 def test_views_are_averaged_as_refiners_multidiffusion_averages_them(sd: StableDiffusion_1) -> None:
     resolved = spec(view_batch=3).resolved(sd)
-    conditioning = SetConditioning(sd, [REFERENCE, PROMPT], "", 64, 64)
+    conditioning = SetConditioning(sd, [REFERENCE, PROMPT], "", width=64, height=64)
     targets = panorama_targets(resolved, conditioning([1])["clip_text_embedding"])
     generator = torch.Generator().manual_seed(3)
     reference, canvas = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 4, 8, 32, generator=generator)

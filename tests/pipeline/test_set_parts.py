@@ -40,7 +40,9 @@ def test_parts_of_a_transfer_set_equal_the_whole_set(sd1_pipeline: StableDiffusi
     sd = sd1_pipeline
     gradient = np.linspace(0, 255, 64 * 64 * 3).reshape(64, 64, 3).astype(np.uint8)
     spec = TransferSpec(prompts=PROMPTS[1:3], width=64, height=64, steps=2, offset=1, chunk_size=1)
-    trajectory = make_trajectory(sd, Image.fromarray(gradient), PROMPTS[0], spec, progress=lambda done, steps: None)
+    trajectory = make_trajectory(
+        sd, Image.fromarray(gradient), PROMPTS[0], spec=spec, progress=lambda done, steps: None
+    )
     whole = pixels(transfer_set(sd, trajectory, spec).images)
     previews: list[Tensor] = []
     parts = [transfer_set(sd, trajectory, spec, images=[0, 1], preview=previews.append)]

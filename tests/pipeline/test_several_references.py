@@ -29,7 +29,7 @@ def sd(sd1_pipeline: StableDiffusion_1) -> StableDiffusion_1:
 
 def plain_images(sd: StableDiffusion_1, prompts: list[str], noise: torch.Tensor) -> list[Image.Image]:
     """The model's own images of prompts, without any adapter, denoised together with the sets' DDIM solver."""
-    conditioning = SetConditioning(sd, prompts, "", 64, 64)(list(range(len(prompts))))
+    conditioning = SetConditioning(sd, prompts, "", width=64, height=64)(list(range(len(prompts))))
     solver, sd.solver = sd.solver, ddim(sd, 2)
     try:
         x = noise
@@ -60,7 +60,9 @@ def test_each_reference_is_its_plain_image_and_chunks_agree(sd: StableDiffusion_
     blended = generate_set(sd, spec)
     assert blended.prompts == REFERENCES + TARGETS and len(blended.images) == 5
     # each reference is identical to the plain model's image of its prompt (no adapter; the same noise and batch)
-    plain = plain_images(sd, REFERENCES, noise=initial_noise(spec.resolved(sd), 5, sd.device, sd.dtype)[:2])
+    plain = plain_images(
+        sd, REFERENCES, noise=initial_noise(spec.resolved(sd), 5, device=sd.device, dtype=sd.dtype)[:2]
+    )
     assert np.abs(pixels(blended.images[:2]) - pixels(plain)).max() == 0
     unshared = generate_set(
         sd, SetSpec(prompts=REFERENCES + TARGETS, width=64, steps=2, style=StyleAlignedOptions(only_self_level=1.0))
@@ -138,7 +140,7 @@ def test_transfer_from_two_images(sd: StableDiffusion_1, sd1_converted: Path, tm
     images = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
     spec = TransferSpec(prompts=TARGETS[:2], width=64, steps=2, offset=1, reference_weights=[1.0, 2.0])
     trajectories = [
-        make_trajectory(sd, image, caption, spec) for image, caption in zip(images, REFERENCES, strict=True)
+        make_trajectory(sd, image, caption, spec=spec) for image, caption in zip(images, REFERENCES, strict=True)
     ]
     result = transfer_set(sd, trajectories, spec)
     assert result.prompts == REFERENCES + TARGETS[:2] and result.spec.reference_prompts == REFERENCES

@@ -36,8 +36,8 @@ def plain_image(sd: StableDiffusion_1, spec: SetSpec) -> Image.Image:
     assert spec.width is not None and spec.height is not None and spec.guidance is not None
     solver, previous = spec.make_solver(sd), (sd.solver, sd.classifier_free_guidance)
     cfg = spec.classifier_free_guidance
-    conditioning = SetConditioning(sd, spec.image_prompts()[:1], "", spec.width, spec.height)([0], cfg)
-    x = initial_latents(spec, 1, solver, sd)
+    conditioning = SetConditioning(sd, spec.image_prompts()[:1], "", width=spec.width, height=spec.height)([0], cfg)
+    x = initial_latents(spec, 1, solver, sd=sd)
     sd.solver, sd.classifier_free_guidance = solver, cfg
     torch.manual_seed(image_seed(spec.seed, 0))  # the plain loop's stochastic solver draws from the global generator
     try:

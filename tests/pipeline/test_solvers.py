@@ -55,7 +55,14 @@ def run_set(solver: Solver, latents: torch.Tensor, chunk_size: int | None = None
     predictor = NoisePredictor()
     adapter: Any = Adapter(cfg)
     x = denoise_set(
-        predictor, adapter, latents, Conditioning(), guidance=5.0, chunk_size=chunk_size, solver=solver, **options
+        predictor,
+        adapter,
+        latents,
+        conditioning=Conditioning(),
+        guidance=5.0,
+        chunk_size=chunk_size,
+        solver=solver,
+        **options,
     )  # type: ignore[arg-type]
     assert predictor.calls == [
         row * (2 if cfg else 1) for row in map(len, call_groups(latents.shape[0], chunk_size))

@@ -74,13 +74,13 @@ SPEC = TransferSpec(prompts=TARGETS, width=64, height=64, steps=3, offset=1)
 
 @pytest.fixture(scope="module")
 def trajectory(sd: StableDiffusion_1, reference_image: Image.Image) -> ReferenceTrajectory:
-    return make_trajectory(sd, reference_image, CAPTION, SPEC)
+    return make_trajectory(sd, reference_image, CAPTION, spec=SPEC)
 
 
 def test_inversion_loop_follows_the_solver(sd: StableDiffusion_1, reference_image: Image.Image) -> None:
     solver = ddim(sd, 3)
-    latents = encode_image(sd, reference_image, 64, 64)
-    trajectory = invert(sd, latents, CAPTION, solver, guidance=2.0)
+    latents = encode_image(sd, reference_image, width=64, height=64)
+    trajectory = invert(sd, latents, CAPTION, solver=solver, guidance=2.0)
     assert trajectory.latents.shape == (4, 4, 8, 8) and trajectory.timesteps == [int(t) for t in solver.timesteps]
     assert torch.equal(trajectory.latents[-1:], latents)  # the last latent is the encoded image
     # independent loop: noise predicted at each ascending timestep with guidance 2, DDIM re-noising
@@ -104,7 +104,7 @@ def test_reference_ends_on_the_encoded_image_and_ignores_the_targets(
     latents, spec = transfer_latents(sd, trajectory, SPEC)
     assert spec.image_prompts() == [CAPTION, *TARGETS] and spec.guidance == 10.0
     assert spec.style == StyleAlignedOptions(shared_score_shift=math.log(2), share_group_norm=True)
-    assert torch.equal(latents[0], encode_image(sd, reference_image, 64, 64)[0])
+    assert torch.equal(latents[0], encode_image(sd, reference_image, width=64, height=64)[0])
     other, _ = transfer_latents(sd, trajectory, replace(SPEC, prompts=["A woman playing saxophone", TARGETS[1]]))
     assert torch.equal(other[0], latents[0])  # the reference does not depend on the targets
     assert not torch.equal(other[1], latents[1])  # the changed target changes
@@ -139,7 +139,7 @@ def test_a_trajectory_for_another_schedule_size_or_model_is_refused(
 
 def test_non_square_sets(sd: StableDiffusion_1, reference_image: Image.Image) -> None:
     spec = replace(SPEC, width=64, height=96)
-    trajectory = make_trajectory(sd, reference_image, CAPTION, spec)
+    trajectory = make_trajectory(sd, reference_image, CAPTION, spec=spec)
     generated = transfer_set(sd, trajectory, spec)
     assert [image.size for image in generated.images] == [(64, 96)] * 3
 
@@ -150,13 +150,13 @@ def test_reference_images_are_fitted_to_the_size() -> None:
     rgba = Image.new("RGBA", (40, 40), (255, 0, 0, 0))  # fully transparent: white
     for image in (gray, palette, rgba):
         for fit in ("crop", "resize"):
-            fitted = fit_image(image, 64, 48, fit)  # type: ignore[arg-type]
+            fitted = fit_image(image, 64, 48, fit=fit)  # type: ignore[arg-type]
             assert fitted.size == (64, 48) and fitted.mode == "RGB"
     assert fit_image(rgba, 8, 8).getpixel((4, 4)) == (255, 255, 255)
     stripes = Image.new("RGB", (300, 100), "black")
     stripes.paste((255, 255, 255), (100, 0, 200, 100))  # a white middle third
-    assert fit_image(stripes, 10, 10, "crop").getpixel((5, 5)) == (255, 255, 255)  # the centre is kept
-    assert fit_image(stripes, 30, 10, "resize").getpixel((1, 5)) == (0, 0, 0)  # the whole width is kept
+    assert fit_image(stripes, 10, 10, fit="crop").getpixel((5, 5)) == (255, 255, 255)  # the centre is kept
+    assert fit_image(stripes, 30, 10, fit="resize").getpixel((1, 5)) == (0, 0, 0)  # the whole width is kept
 
 
 def test_transfer_command_end_to_end(
