@@ -136,7 +136,7 @@ class RayActors:
         # Ray gives an actor one thread per CPU it asks for; on the CPU the thread count changes results in their last
         # bits, so every worker uses this process's count: a set is the same wherever it is made.
         self._options = {"threads": torch.get_num_threads(), **options}
-        self._actors: list[Any] = [self._actor_class.remote(**options) for _ in range(count)]
+        self._actors: list[Any] = [self._actor_class.remote(**self._options) for _ in range(count)]
         self._models: list[Path | None] = [None] * count
         self._running: dict[Any, tuple[int, Task]] = {}
         where = f"{gpus} GPU(s), one per worker" if gpus else "CPU"
