@@ -472,7 +472,6 @@ def denoise_with_extras(
     spec: SetSpec,
     latents: Tensor,
     *,
-    conditioning: SetConditioning,
     solver: Solver,
     progress: Progress | None = None,
     after_reference_step: Callable[[int, Tensor], Tensor] | None = None,
@@ -489,7 +488,6 @@ def denoise_with_extras(
         sd: The model.
         spec: The resolved set (its `style`, extras, size, guidance, seed and chunk size are used).
         latents: The initial latents, the reference first (scaled for the solver: see `initial_latents`).
-        conditioning: The text conditioning of the images.
         solver: The solver to denoise with (copied, not stepped itself).
         progress: See `denoise_set`.
         after_reference_step: See `denoise_set`.
@@ -499,6 +497,7 @@ def denoise_with_extras(
         The final latents.
     """
     assert spec.width is not None and spec.height is not None and spec.guidance is not None
+    conditioning = SetConditioning(sd, spec.image_prompts(), spec.negative_prompt, width=spec.width, height=spec.height)
     lcm = lcm_guidance_embedding(sd)
     cfg = spec.classifier_free_guidance and lcm is None
     adapter = StyleAlignedAdapter(
@@ -650,15 +649,12 @@ def generate_latents(
     """
     spec = spec.resolved(sd)
     assert spec.width is not None and spec.height is not None and spec.guidance is not None
-    prompts = spec.image_prompts()
-    conditioning = SetConditioning(sd, prompts, spec.negative_prompt, width=spec.width, height=spec.height)
     solver = spec.make_solver(sd)
-    latents = initial_latents(spec, len(prompts), solver, sd=sd)
+    latents = initial_latents(spec, len(spec.image_prompts()), solver, sd=sd)
     latents = denoise_with_extras(
         sd,
         spec,
         latents,
-        conditioning=conditioning,
         solver=solver,
         progress=progress,
         targets=targets,

@@ -12,7 +12,6 @@ from style_aligned.pipeline.generate import (
     GeneratedSet,
     Preview,
     Progress,
-    SetConditioning,
     SetSpec,
     StableDiffusion,
     ddim,
@@ -142,7 +141,6 @@ def transfer_latents(
         reference_trajectory.check_fits(sd, solver, width=spec.width, height=spec.height)
     prompts = spec.image_prompts()
     latents = initial_noise(spec, len(prompts), device=sd.device, dtype=sd.dtype)
-    conditioning = SetConditioning(sd, prompts, spec.negative_prompt, width=spec.width, height=spec.height)
     references = torch.stack([t.latents.to(device=sd.device, dtype=sd.dtype) for t in trajectories], dim=1)
     latents[: len(trajectories)] = references[spec.offset]  # references: (steps + 1, k, 4, h, w)
     first_step = solver.first_inference_step
@@ -154,7 +152,6 @@ def transfer_latents(
         sd,
         spec,
         latents,
-        conditioning=conditioning,
         solver=solver,
         progress=progress,
         after_reference_step=with_preview(follow_trajectory, preview),
