@@ -16,13 +16,12 @@ Prints one JSON object per variant and shape (machine-readable), then Markdown t
 import argparse
 import json
 import math
-import sys
-from pathlib import Path
 from typing import Any
 
 import refiners.fluxion.layers as fl
 import torch
 from diffusers.models.attention_processor import Attention  # type: ignore[import-untyped]
+from measure import Measure, gib, measure  # the scripts' folder is on the path when a script runs
 from refiners.fluxion.adapters.adapter import Adapter
 from refiners.foundationals.latent_diffusion.style_aligned import SharedSelfAttentionAdapter
 from torch import Tensor
@@ -55,10 +54,6 @@ class ConcatenatingAdapter(fl.Chain, Adapter[fl.ScaledDotProductAttention]):
                 ),
                 ShiftedScaledDotProductAttention(target.num_heads, shift, reference_cache=cache),
             )
-
-
-sys.path.insert(0, str(Path(__file__).parent))
-from measure import Measure, gib, measure  # noqa: E402
 
 
 def reference_rows(x: Tensor) -> Tensor:

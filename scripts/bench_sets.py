@@ -18,9 +18,9 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+from measure import gib  # the scripts' folder is on the path when a script runs
 from refiners.foundationals.latent_diffusion import SDXLUNet, StableDiffusion_XL
 from refiners.foundationals.latent_diffusion.solvers import DDIM
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl import SDXLAutoencoder
@@ -29,9 +29,6 @@ from refiners.foundationals.latent_diffusion.stable_diffusion_xl.text_encoder im
 from style_aligned import StyleAlignedAdapter
 from style_aligned.pipeline.generate import SetConditioning, SetSpec, decode, denoise_set, initial_noise
 from style_aligned.weights.random_weights import build_random
-
-sys.path.insert(0, str(Path(__file__).parent))
-from measure import gib  # noqa: E402
 
 OBJECTS = ["train", "airplane", "bicycle", "car", "boat", "owl", "castle", "teapot"]
 

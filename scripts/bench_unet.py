@@ -12,18 +12,15 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
+from measure import Measure, gib, measure  # the scripts' folder is on the path when a script runs
 from refiners.foundationals.latent_diffusion import SDXLUNet
 
 from style_aligned import StyleAlignedAdapter
 from style_aligned.options import StyleAlignedOptions
 from style_aligned.weights.random_weights import build_random
-
-sys.path.insert(0, str(Path(__file__).parent))
-from measure import Measure, gib, measure  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "plain U-Net": None,
