@@ -52,7 +52,7 @@ def _build(
     return model.eval().requires_grad_(False)
 
 
-def model_kind(path: Path | str) -> str:
+def converted_file_kind(path: Path | str) -> str:
     """The model kind recorded in a converted file's metadata (e.g. `"sdxl_unet"`).
 
     Raises:
@@ -83,7 +83,7 @@ def load_model(
         WeightsError: If the file is not a valid converted model of the expected kind.
     """
     path = resolve_file(path)
-    found = model_kind(path)
+    found = converted_file_kind(path)
     if kind is not None and found != kind:
         raise WeightsError(
             f"{path} holds the weights of the {ARCHITECTURES[found].description}, not of the"
@@ -158,7 +158,7 @@ def load_pipeline(
             f"{path} holds neither converted weights (unet.safetensors), a diffusers pipeline (model_index.json),"
             " nor is it a single-file checkpoint"
         )
-    kind = model_kind(unet_file).removesuffix("_unet")
+    kind = converted_file_kind(unet_file).removesuffix("_unet")
     if kind not in PIPELINES:
         raise WeightsError(f"{unet_file} is not the U-Net of an SD1 or SDXL pipeline")
     models = {}

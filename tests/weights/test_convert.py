@@ -13,7 +13,7 @@ from refiners.foundationals.latent_diffusion import SD1ControlnetAdapter, SD1UNe
 from style_aligned.cli import main as cli
 from style_aligned.weights.architectures import ARCHITECTURES
 from style_aligned.weights.convert import ModelSource, convert
-from style_aligned.weights.loading import load_model, load_pipeline, model_kind
+from style_aligned.weights.loading import converted_file_kind, load_model, load_pipeline
 from style_aligned.weights.safetensors_io import SafetensorsReader, WeightsError, write_safetensors
 from tests.helpers import diffusers_models as dm
 from tests.helpers.compare import assert_close
@@ -243,7 +243,7 @@ def test_cli_reports_errors_without_a_traceback(tmp_path: Path, capsys: pytest.C
 
 def test_loading_a_file_of_another_kind_is_refused(sd1_converted: Path, tmp_path: Path) -> None:
     file = sd1_converted / "autoencoder.safetensors"
-    assert model_kind(file) == "sd1_autoencoder"
+    assert converted_file_kind(file) == "sd1_autoencoder"
     with pytest.raises(WeightsError, match="holds the weights of the SD1 autoencoder, not of the SD1 U-Net"):
         load_model(file, kind="sd1_unet")
     with pytest.raises(WeightsError, match="neither converted weights"):
