@@ -1,7 +1,6 @@
 """Where the tasks of a batch run: one after another in this process, or on Ray actors that each hold a pipeline."""
 
 import contextlib
-import importlib
 import logging
 import sys
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from typing import Any, Protocol
 import torch
 
 from style_aligned.batch.worker import Rendered, SetWorker, Task
+from style_aligned.extras import require
 from style_aligned.pipeline.inversion import ReferenceTrajectory
 
 Result = Rendered | ReferenceTrajectory
@@ -110,13 +110,10 @@ class RayActors:
                 process uses).
 
         Raises:
-            ImportError: If Ray is not installed.
+            MissingExtraError: If Ray is not installed.
             ValueError: If the cluster cannot be started or joined.
         """
-        try:
-            ray: Any = importlib.import_module("ray")
-        except ImportError:
-            raise ImportError("batches on Ray need Ray: pip install 'style-aligned[batch]'") from None
+        ray: Any = require("ray", extra="batch", feature="batches on Ray")
         self._ray = ray
         try:
             if address is None:

@@ -1,12 +1,12 @@
 """`style-aligned batch`: the sets of a manifest, in this process or on a Ray cluster, resumable."""
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
 
 from style_aligned.cli.options import DTYPES
+from style_aligned.extras import require
 
 
 class BatchBar:
@@ -41,8 +41,8 @@ def run_batch_command(args: argparse.Namespace) -> None:
     entries = read_manifest(args.manifest, model=args.model.absolute() if args.model else None)
     options = {"device": args.device, "dtype": args.dtype, "cache_dir": args.cache_dir}
     on_ray = args.workers is not None or args.ray_address is not None
-    if on_ray and importlib.util.find_spec("ray") is None:
-        raise ImportError("--workers and --ray-address run on Ray: pip install 'style-aligned[batch]'")
+    if on_ray:
+        require("ray", extra="batch", feature="--workers and --ray-address (Ray)")
 
     def executor() -> Executor:
         if on_ray:

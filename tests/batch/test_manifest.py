@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +121,28 @@ def test_a_folder_holding_another_set_is_an_error_not_an_overwrite(
         assert exit_info.value.code == 2
         assert f"{folder} (line 1) holds a set {expected}" in capsys.readouterr().err
         assert (folder / "set.json").read_text() == made_by
+
+
+def test_workers_without_ray_name_the_extra_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(loading, "load_pipeline", lambda *args, **kwargs: pytest.fail("a model was loaded"))
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        cli(
+            [
+                "batch",
+                str(write_manifest(tmp_path, [GOOD])),
+                "--out",
+                str(out),
+                "--model",
+                str(tmp_path),
+                "--workers",
+                "2",
+            ]
+        )
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "pip install 'style-aligned[batch]'" in error, error
+    assert not out.exists()
