@@ -41,7 +41,7 @@ def run_batch_command(args: argparse.Namespace) -> None:
     entries = read_manifest(args.manifest, model=args.model.absolute() if args.model else None)
     options = {"device": args.device, "dtype": args.dtype, "cache_dir": args.cache_dir}
     on_ray = args.workers is not None or args.ray_address is not None
-    if on_ray:
+    if on_ray:  # before `run_batch` makes the output folder (RayActors checks again for callers of the library)
         require("ray", extra="batch", feature="--workers and --ray-address (Ray)")
 
     def executor() -> Executor:
