@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+from playwright.sync_api import sync_playwright
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
 
 
@@ -107,8 +110,6 @@ def running_app(model: Path, out: Path, *extra: str, timeout: float = 180.0) -> 
 @contextmanager
 def browser() -> Iterator[Any]:
     """Headless Chromium from the distribution, driven by Playwright."""
-    from playwright.sync_api import sync_playwright
-
     if not Path(CHROMIUM).exists():
         raise RuntimeError("the app's tests need Chromium: apt-get install chromium")
     with sync_playwright() as playwright:
@@ -131,18 +132,43 @@ def open_section(page: Any, title: str) -> None:
         button.click()
 
 
+SETTLE_MS = 500  # how long a value must hold before it counts as set
+
+
 def fill(page: Any, **settings: Any) -> None:
-    """Fill settings by name (`prompts` takes a list)."""
-    for name, value in settings.items():
-        text = "\n".join(value) if isinstance(value, list) else str(value)
-        target = field(page, name)
-        target.fill(text)
-        target.blur()
+    """Fill settings by name (`prompts` takes a list), and make sure the values hold.
+
+    A section that has just opened or appeared mounts its inputs, and their first values can land just after a
+    fill and replace it; so the values are watched for a moment and filled again if they changed.
+    """
+    targets = [
+        (field(page, name), "\n".join(value) if isinstance(value, list) else str(value))
+        for name, value in settings.items()
+    ]
+    for _ in range(5):
+        for target, text in targets:
+            target.fill(text)
+            target.blur()
+        handles = [[target.element_handle(), text] for target, text in targets]
+        try:
+            page.wait_for_function(
+                "pairs => pairs.some(([element, text]) => element.value !== text)", arg=handles, timeout=SETTLE_MS
+            )
+        except PlaywrightTimeoutError:
+            return
+    raise AssertionError(f"the page did not keep the values of {', '.join(settings)}")
 
 
 def choose(page: Any, name: str, choice: str) -> None:
-    """Pick a choice of a radio setting."""
-    page.locator(f"#{name}").get_by_label(choice, exact=True).check()
+    """Pick a choice of a radio setting, and make sure it holds (see `fill`)."""
+    option = page.locator(f"#{name}").get_by_label(choice, exact=True)
+    for _ in range(5):
+        option.check()
+        try:
+            page.wait_for_function("element => !element.checked", arg=option.element_handle(), timeout=SETTLE_MS)
+        except PlaywrightTimeoutError:
+            return
+    raise AssertionError(f"the page did not keep {choice!r} for {name}")
 
 
 def run_job(page: Any, button: str = "make", element: str = "progress", timeout: float = 300.0) -> str:
