@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,40 +135,53 @@ def open_section(page: Any, title: str) -> None:
 SETTLE_MS = 500  # how long a value must hold before it counts as set
 
 
-def fill(page: Any, **settings: Any) -> None:
-    """Fill settings by name (`prompts` takes a list), and make sure the values hold.
+def keep(page: Any, set_values: Callable[[], Any], changed: str, what: str) -> None:
+    """Set values on the page and make sure they hold.
 
-    A section that has just opened or appeared mounts its inputs, and their first values can land just after a
-    fill and replace it; so the values are watched for a moment and filled again if they changed.
+    A section that has just opened or appeared mounts its inputs, and their first values can land just after the
+    values were set and replace them; so the values are watched for a moment and set again if they changed.
+
+    Args:
+        page: The page.
+        set_values: Sets the values; returns the argument of `changed` (element handles, taken after setting).
+        changed: A JavaScript function of that argument: whether any value changed.
+        what: The values, as the error names them.
     """
+    for _ in range(5):
+        argument = set_values()
+        try:
+            page.wait_for_function(changed, arg=argument, timeout=SETTLE_MS)
+        except PlaywrightTimeoutError:
+            return
+    raise AssertionError(f"the page did not keep {what}")
+
+
+def fill(page: Any, **settings: Any) -> None:
+    """Fill settings by name (`prompts` takes a list); the values hold (see `keep`)."""
     targets = [
         (field(page, name), "\n".join(value) if isinstance(value, list) else str(value))
         for name, value in settings.items()
     ]
-    for _ in range(5):
+
+    def set_values() -> list[list[Any]]:
         for target, text in targets:
             target.fill(text)
             target.blur()
-        handles = [[target.element_handle(), text] for target, text in targets]
-        try:
-            page.wait_for_function(
-                "pairs => pairs.some(([element, text]) => element.value !== text)", arg=handles, timeout=SETTLE_MS
-            )
-        except PlaywrightTimeoutError:
-            return
-    raise AssertionError(f"the page did not keep the values of {', '.join(settings)}")
+        return [[target.element_handle(), text] for target, text in targets]
+
+    changed = "pairs => pairs.some(([element, text]) => element.value !== text)"
+    keep(page, set_values, changed, f"the values of {', '.join(settings)}")
 
 
 def choose(page: Any, name: str, choice: str) -> None:
-    """Pick a choice of a radio setting, and make sure it holds (see `fill`)."""
+    """Pick a choice of a radio setting; the choice holds (see `keep`)."""
     option = page.locator(f"#{name}").get_by_label(choice, exact=True)
-    for _ in range(5):
+
+    def set_values() -> Any:
         option.check()
-        try:
-            page.wait_for_function("element => !element.checked", arg=option.element_handle(), timeout=SETTLE_MS)
-        except PlaywrightTimeoutError:
-            return
-    raise AssertionError(f"the page did not keep {choice!r} for {name}")
+        return option.element_handle()
+
+    keep(page, set_values, "element => !element.checked", f"{choice!r} for {name}")
 
 
 def run_job(page: Any, button: str = "make", element: str = "progress", timeout: float = 300.0) -> str:
