@@ -26,7 +26,10 @@ from refiners.foundationals.latent_diffusion.stable_diffusion_1.model import SD1
 
 from style_aligned import StyleAlignedAdapter
 from style_aligned.options import StyleAlignedOptions
-from style_aligned.pipeline.generate import SetConditioning, SetSpec, ddim, decode, generate_set, initial_noise
+from style_aligned.pipeline.conditioning import SetConditioning
+from style_aligned.pipeline.generate import decode, generate_set, initial_noise
+from style_aligned.pipeline.solvers import ddim
+from style_aligned.pipeline.spec import SetSpec
 from style_aligned.weights.random_weights import build_random
 
 PROMPTS = [f"a toy {name}. macro photo. 3d game asset" for name in ("train", "airplane", "bicycle", "car")]

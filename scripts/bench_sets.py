@@ -27,7 +27,10 @@ from refiners.foundationals.latent_diffusion.stable_diffusion_xl import SDXLAuto
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl.text_encoder import DoubleTextEncoder
 
 from style_aligned import StyleAlignedAdapter
-from style_aligned.pipeline.generate import SetConditioning, SetSpec, decode, denoise_set, initial_noise
+from style_aligned.pipeline.conditioning import SetConditioning
+from style_aligned.pipeline.denoise import denoise_set
+from style_aligned.pipeline.generate import decode, initial_noise
+from style_aligned.pipeline.spec import SetSpec
 from style_aligned.weights.random_weights import build_random
 
 OBJECTS = ["train", "airplane", "bicycle", "car", "boat", "owl", "castle", "teapot"]

@@ -35,8 +35,9 @@ from style_aligned.layers.references import (
     SplitHalves,
 )
 from style_aligned.options import StyleAlignedOptions
-from style_aligned.pipeline.generate import GeneratedSet, SetSpec, generate_set
+from style_aligned.pipeline.generate import generate_set
 from style_aligned.pipeline.inversion import ReferenceTrajectory
+from style_aligned.pipeline.spec import GeneratedSet, SetSpec
 from style_aligned.pipeline.transfer import TransferSpec, make_trajectory, transfer_set
 from style_aligned.weights.loading import load_pipeline
 

@@ -55,7 +55,7 @@ def test_parameters_past_the_third_are_keyword_only() -> None:
 
 def test_the_check_sees_the_public_api() -> None:
     names = {name for name, _ in public_callables()}
-    assert "style_aligned.pipeline.generate.denoise_set" in names
-    assert "style_aligned.pipeline.generate.SetSpec" in names
+    assert "style_aligned.pipeline.denoise.denoise_set" in names
+    assert "style_aligned.pipeline.spec.SetSpec" in names
     assert not too_many_positional(style_aligned.generate_set)
     assert too_many_positional(lambda a, b, c, d: None)  # pyright: ignore[reportUnknownLambdaType]

@@ -7,7 +7,7 @@ is denoised once more per chunk.
 """
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,20 @@ from style_aligned.app.files import APP_FOLDER, keep_upload, new_set_folder, zip
 from style_aligned.app.preview import latent_preview
 from style_aligned.app.studio import Cancelled, Job
 from style_aligned.options import model_kind
-from style_aligned.pipeline.generate import GeneratedSet, ProgressEvent, SetSpec, progress_total, target_chunks
+from style_aligned.pipeline.images import labelled_grid, save_png
+from style_aligned.pipeline.plan import SetPlan
+from style_aligned.pipeline.progress import ProgressEvent
+from style_aligned.pipeline.set_files import (
+    GRID,
+    PENDING,
+    SIDECAR,
+    SetFolder,
+    set_request,
+    set_title,
+    sidecar,
+    write_json,
+)
+from style_aligned.pipeline.spec import GeneratedSet
 
 RunPart = Callable[[list[int], Callable[[ProgressEvent], None], Callable[[Tensor], None] | None], GeneratedSet]
 """Makes some images of a set (the reference first), reporting progress and, if asked, previews of the reference."""
@@ -48,31 +61,26 @@ def archive_path(out: Path, folder: Path) -> Path:
     return out / APP_FOLDER / "downloads" / f"{folder.name}.zip"
 
 
-def _parts(num_images: int, chunk_size: int | None) -> list[list[int]]:
-    return [[0, *chunk] for chunk in target_chunks(num_images, chunk_size)] or [[0]]
-
-
 def write_parts(
     job: Job,
     *,
     sd: Any,
-    spec: SetSpec,
-    prompts: Sequence[str],
-    folder: Path,
-    title: str,
+    folder: SetFolder,
+    plan: SetPlan,
+    steps: int,
     run_part: RunPart,
     done_before: int = 0,
     total: int | None = None,
 ) -> None:
-    """Make a set's images chunk by chunk, writing each as it is decoded, then the labelled grid.
+    """Make a set's images part by part (the references and one chunk, see `SetPlan.parts`), writing each image as
+    it is decoded, then the labelled grid.
 
     Args:
         job: The job (its view is updated; cancelling stops at the next U-Net call or decoded image).
         sd: The model.
-        spec: The resolved set.
-        prompts: The prompt of every image, the reference first.
-        folder: The set's folder, where its sidecar already is.
-        title: The title of the grid.
+        folder: The set's folder (see `SetFolder`).
+        plan: How the set is cut.
+        steps: The denoising steps of the set.
         run_part: Makes the images of one part of the set.
         done_before: Work already done by the job (an inversion), for the progress bar.
         total: All the job's work (default: the parts' work after `done_before`).
@@ -80,50 +88,65 @@ def write_parts(
     Raises:
         Cancelled: If the job was cancelled; the finished images and a grid of them are kept.
     """
-    from style_aligned.pipeline.images import labelled_grid, save_png
-    from style_aligned.pipeline.set_files import GRID, image_name, write_set_images
-
-    parts = _parts(len(prompts), spec.chunk_size)
-    works = [part_work(spec, len(prompts), part) for part in parts]
+    parts = plan.parts()
+    works = [plan.work(part[plan.num_references :], steps=steps) for part in parts]
     total = total or done_before + sum(works)
     kind = model_kind(sd)
-    images: dict[int, Image.Image] = {}
-    offset = done_before
+    folder.start()
     try:
         for number, part in enumerate(parts, start=1):
             job.check()
-            where = f"chunk {number}/{len(parts)}"
-
-            def report(event: ProgressEvent, where: str = where, offset: int = offset) -> None:
-                if event.phase == "decode":
-                    text = f"{where}: decoding image {event.chunk}/{event.chunks}"
-                else:
-                    text = f"{where}: step {event.step}/{event.steps}, {event.phase}"
-                job.update(done=offset + event.done, total=total, text=text)
-                job.check()
+            report = _part_report(
+                job, f"chunk {number}/{len(parts)}", offset=done_before + sum(works[: number - 1]), total=total
+            )
 
             def preview(latent: Tensor) -> None:
                 job.update(preview=latent_preview(latent, kind))
 
             generated = run_part(part, report, preview if number == 1 else None)
             for index, image in zip(part, generated.images, strict=True):
-                if index not in images:
-                    images[index] = image
-                    path = folder / image_name(index, prompts[index])
-                    save_png(image, path)
-                    job.add_image(path, ("reference: " if index == 0 else "") + prompts[index])
-            offset += works[number - 1]
+                if index in folder.missing:
+                    folder.add(index, image)
+                    job.add_image(
+                        folder.folder / folder.names[index], _label(plan, generated.prompts[part.index(index)], index)
+                    )
     except Cancelled:
-        kept = sorted(images)
-        if kept:
-            labels = [("reference: " if index == 0 else "") + prompts[index] for index in kept]
-            grid = labelled_grid([images[index] for index in kept], labels, title=f"{title} (cancelled)")
-            save_png(grid, folder / GRID)
-            job.update(grid=folder / GRID)
-        job.update(text=f"kept {len(kept)} of {len(prompts)} finished images in {folder}")
+        _keep_cancelled(job, folder, plan)
         raise
-    write_set_images(folder, [images[index] for index in range(len(prompts))], prompts, title=title)
-    job.update(grid=folder / GRID, done=total, total=total)
+    folder.finish()
+    job.update(grid=folder.folder / GRID, done=total, total=total)
+
+
+def _label(plan: SetPlan, prompt: str, index: int) -> str:
+    return ("reference: " if index < plan.num_references else "") + prompt
+
+
+def _part_report(job: Job, where: str, *, offset: int, total: int) -> Callable[[ProgressEvent], None]:
+    def report(event: ProgressEvent) -> None:
+        if event.phase == "decode":
+            text = f"{where}: decoding image {event.chunk}/{event.chunks}"
+        else:
+            text = f"{where}: step {event.step}/{event.steps}, {event.phase}"
+        job.update(done=offset + event.done, total=total, text=text)
+        job.check()
+
+    return report
+
+
+def _keep_cancelled(job: Job, folder: SetFolder, plan: SetPlan) -> None:
+    """Keep what a cancelled set finished: a grid of its written images, and the sidecar marked cancelled."""
+    prompts: list[str] = folder.details["image_prompts"]
+    kept = [index for index in range(len(folder.names)) if index not in folder.missing]
+    if kept:
+        images = [Image.open(folder.folder / folder.names[index]) for index in kept]
+        labels = [_label(plan, prompts[index], index) for index in kept]
+        grid = labelled_grid(images, labels, title=f"{folder.title} (cancelled)")
+        save_png(grid, folder.folder / GRID)
+        job.update(grid=folder.folder / GRID)
+    written = [folder.names[index] for index in kept]
+    pending = {PENDING: [folder.names[index] for index in folder.missing]}
+    write_json(folder.folder / SIDECAR, folder.details | pending | {"cancelled": {"images_written": written}})
+    job.update(text=f"kept {len(kept)} of {len(prompts)} finished images in {folder.folder}")
 
 
 def finish(job: Job, out: Path, folder: Path, *, text: str) -> None:
@@ -131,57 +154,63 @@ def finish(job: Job, out: Path, folder: Path, *, text: str) -> None:
     job.update(archive=zip_folder(folder, archive_path(out, folder)), text=text)
 
 
-def _mark_cancelled(folder: Path) -> None:
-    from style_aligned.pipeline.set_files import SIDECAR, read_sidecar, write_json
-
-    if (folder / SIDECAR).is_file():
-        details = read_sidecar(folder)
-        written = sorted(path.name for path in folder.glob("[0-9][0-9]-*.png"))
-        write_json(folder / SIDECAR, details | {"cancelled": {"images_written": written}})
-
-
 def _guarded(job: Job, out: Path, folder: Path, make: Callable[[], None], text: str) -> None:
     job.update(folder=folder)
     try:
         make()
     except Cancelled:
-        _mark_cancelled(folder)
         job.update(archive=zip_folder(folder, archive_path(out, folder)))
         raise
     finish(job, out, folder, text=text)
-
-
-def part_work(spec: Any, num_images: int, part: list[int]) -> int:
-    """The units of progress of one part of a set (the reference and a chunk of targets)."""
-    return progress_total(num_images=num_images, steps=spec.steps, chunk_size=spec.chunk_size, targets=part[1:])
 
 
 def make_generate_set(job: Job, sd: Any, args: argparse.Namespace, *, out: Path) -> None:
     """Make the set that `generate` makes with `args`, into a new folder under `out`."""
     from style_aligned.cli.generate import generate_spec
     from style_aligned.pipeline.generate import generate_set
-    from style_aligned.pipeline.set_files import SIDECAR, set_title, sidecar, write_json
 
-    spec = generate_spec(args).resolved(sd)
+    given = generate_spec(args)
+    spec = given.resolved(sd)
     prompts = spec.image_prompts()
     folder = new_set_folder(out, prompts[0])
-    write_json(folder / SIDECAR, sidecar("generate", spec, prompts, model=str(args.model)))
+    asked = set_request("generate", given, model=str(args.model))
+    details = sidecar("generate", spec, prompts, model=str(args.model), request=asked)
+    writer = SetFolder(folder, details, title=set_title("generate", spec.seed))
 
     def run_part(part: list[int], report: Any, preview: Any) -> GeneratedSet:
         return generate_set(sd, spec, progress=report, images=part, preview=preview)
 
     def make() -> None:
-        write_parts(
-            job,
-            sd=sd,
-            spec=spec,
-            prompts=prompts,
-            folder=folder,
-            title=set_title("generate", spec.seed),
-            run_part=run_part,
-        )
+        write_parts(job, sd=sd, folder=writer, plan=spec.plan(), steps=spec.steps, run_part=run_part)
 
     _guarded(job, out, folder, make, f"Done: {len(prompts)} images in {folder}")
+
+
+def _inversion(
+    job: Job,
+    sd: Any,
+    spec: Any,
+    *,
+    image: Image.Image,
+    caption: str,
+    key: tuple[Any, ...],
+    memory: Inversions,
+    total: int,
+) -> tuple[Any, bool]:
+    """The inversion of the uploaded image: the one in `memory` if made for the same `key`, else a new one; and
+    whether it was reused."""
+    from style_aligned.pipeline.transfer import make_trajectory
+
+    if memory.key == key and memory.file is not None and memory.file.is_file():
+        job.note(f"The inversion of this image was reused from {memory.file}.")
+        return memory.trajectory, True
+
+    def inverted(event: ProgressEvent) -> None:
+        job.update(done=event.done, total=total, text=f"inverting the reference image: step {event.step}/{event.steps}")
+        job.check()
+
+    job.update(text="inverting the reference image", total=total)
+    return make_trajectory(sd, image, caption, spec=spec, progress=inverted), False
 
 
 def make_transfer_set(
@@ -194,32 +223,22 @@ def make_transfer_set(
     """
     import hashlib
 
-    from style_aligned.cli.transfer import transfer_details, transfer_spec
-    from style_aligned.pipeline.set_files import SIDECAR, set_title, sidecar, write_json
-    from style_aligned.pipeline.transfer import make_trajectory, transfer_set
+    from style_aligned.cli.transfer import transfer_details, transfer_request, transfer_spec
+    from style_aligned.pipeline.transfer import transfer_set
 
     caption: str = args.captions[0]
     spec = transfer_spec(args).resolved(sd)
     prompts = [caption, *spec.prompts]
     digest = hashlib.sha256(upload.read_bytes()).hexdigest()
     key = (digest, caption, spec.steps, spec.width, spec.height, spec.fit, spec.inversion_guidance)
-    parts_work = sum(part_work(spec, len(prompts), part) for part in _parts(len(prompts), spec.chunk_size))
-    reuse = memory.key == key and memory.file is not None and memory.file.is_file()
-    total = parts_work + (0 if reuse else spec.steps)
-    if reuse:
-        trajectory = memory.trajectory
-        job.note(f"The inversion of this image was reused from {memory.file}.")
-    else:
-
-        def inverted(done: int, steps: int) -> None:
-            job.update(done=done, total=total, text=f"inverting the reference image: step {done}/{steps}")
-            job.check()
-
-        job.update(text="inverting the reference image", total=total)
-        trajectory = make_trajectory(sd, image, caption, spec=spec, progress=inverted)
+    plan = spec.plan()
+    parts_work = sum(plan.work(part[plan.num_references :], steps=spec.steps) for part in plan.parts())
+    reusable = memory.key == key and memory.file is not None and memory.file.is_file()
+    total = parts_work + (0 if reusable else spec.steps)
+    trajectory, reused = _inversion(job, sd, spec, image=image, caption=caption, key=key, memory=memory, total=total)
     folder = new_set_folder(out, f"transfer {caption}")
     args.images = [keep_upload(upload, folder)]
-    if reuse:
+    if reused:
         args.trajectories = [memory.file]
     else:
         saved = folder / TRAJECTORY_FILE
@@ -227,21 +246,22 @@ def make_transfer_set(
         trajectory.save(saved)
         memory.key, memory.trajectory, memory.file = key, trajectory, saved
         memory.count += 1
-    write_json(folder / SIDECAR, sidecar("transfer", spec, prompts, **transfer_details(args, [trajectory])))
+    details = transfer_details(args, [trajectory]) | {"request": transfer_request(args, spec)}
+    writer = SetFolder(folder, sidecar("transfer", spec, prompts, **details), title=set_title("transfer", spec.seed))
 
     def run_part(part: list[int], report: Any, preview: Any) -> GeneratedSet:
         return transfer_set(sd, trajectory, spec, progress=report, images=part, preview=preview)
 
     def make() -> None:
+        done_before = 0 if reused else spec.steps
         write_parts(
             job,
             sd=sd,
-            spec=spec,
-            prompts=prompts,
-            folder=folder,
-            title=set_title("transfer", spec.seed),
+            folder=writer,
+            plan=plan,
+            steps=spec.steps,
             run_part=run_part,
-            done_before=0 if reuse else spec.steps,
+            done_before=done_before,
             total=total,
         )
 

@@ -18,7 +18,8 @@ from typing import Any, Literal, cast, get_args, get_origin
 from PIL import Image
 
 from style_aligned.options import StyleAlignedOptions
-from style_aligned.pipeline.generate import SetSpec, target_chunks
+from style_aligned.pipeline.set_files import set_request
+from style_aligned.pipeline.spec import SetSpec
 from style_aligned.pipeline.transfer import TransferSpec
 
 Kind = Literal["generate", "transfer"]
@@ -64,36 +65,38 @@ class SetEntry:
 
     @property
     def num_targets(self) -> int:
-        """The number of images that take the reference's style."""
-        return len(self.spec.prompts) if self.kind == "transfer" else len(self.spec.image_prompts()) - 1
+        """The number of images that take the references' style."""
+        plan = self.spec.plan()
+        return plan.num_images - plan.num_references
 
     def shares(self) -> list[tuple[int, ...]]:
-        """The images each share of the set renders: whole chunks of targets, dealt out in order; the first share
-        also decodes the reference (image 0). An unsplit set is one share of all its images."""
-        chunks = target_chunks(self.num_targets + 1, self.spec.chunk_size)
-        count = max(1, min(self.split, len(chunks)))
-        bounds = [round(index * len(chunks) / count) for index in range(count + 1)]
-        groups = [[image for chunk in chunks[bounds[i] : bounds[i + 1]] for image in chunk] for i in range(count)]
-        return [tuple(([0] if index == 0 else []) + group) for index, group in enumerate(groups)]
+        """The images each share of the set makes (see `SetPlan.shares`): whole chunks of targets, dealt out in order;
+        the first share also makes the references. An unsplit set is one share of all its images."""
+        return [tuple(share) for share in self.spec.plan().shares(self.split)]
 
     def steps_from_trajectory(self) -> bool:
         """Whether the steps (and, unless given, the size) come from the saved trajectory, as `transfer` does."""
         return self.trajectory is not None and "steps" not in self.given
 
     def identity(self) -> dict[str, Any]:
-        """What makes the set: the kind, the model, the reference and every setting, defaults filled in, as JSON.
+        """What the set is asked for, as the command that makes it alone records it (see `set_request`): the kind,
+        the model, the reference and every setting as given.
 
-        A set on disk is the same set when its sidecar holds the same identity (the id and `split` are not part of
-        it: a split set is identical to an unsplit one with the same chunk size).
+        A set on disk is the same set when its sidecar holds the same request (the id and `split` are not part of it:
+        a split set is identical to an unsplit one with the same chunk size, and to the set `generate` or `transfer`
+        makes with the same options).
         """
-        settings = dataclasses.asdict(self.spec)
-        if self.steps_from_trajectory():
-            settings["steps"] = None
-        data = {"kind": self.kind, "model": self.model, **settings}
+        references: dict[str, list[str]] = {}
         if self.kind == "transfer":
-            data |= {"image": self.image, "caption": self.caption, "trajectory": self.trajectory}
-            del data["reference_prompt"]
-        return json.loads(json.dumps(data, default=str))
+            references = {
+                "images": [str(self.image)] if self.image else [],
+                "captions": [self.caption] if self.caption else [],
+                "trajectories": [str(self.trajectory)] if self.trajectory else [],
+            }
+        asked = set_request(self.kind, self.spec, model=str(self.model), **references)
+        if self.steps_from_trajectory():
+            asked["steps"] = None
+        return asked
 
 
 def read_manifest(path: Path, *, model: Path | None = None) -> list[SetEntry]:

@@ -1,29 +1,29 @@
 """The batch driver: which sets are left to make, their tasks on the workers, retries, progress, and the set folders.
 
-Only the driver writes: each set's folder is written whole into a temporary folder under the output folder and
-renamed, so a set's folder exists only when the set is complete, and a rerun skips it.
+Only the driver writes, through the one writer of sets (`SetFolder`): each share's images are written as soon as
+the share is made, the set's `set.json` listing those still to come, so a rerun skips the complete sets and makes
+only the missing shares of the others.
 """
 
 import fcntl
-import json
 import os
-import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Generator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from style_aligned.batch.executors import Executor, Finished
 from style_aligned.batch.manifest import SetEntry
 from style_aligned.batch.worker import Rendered, Task
 from style_aligned.pipeline.inversion import ReferenceTrajectory
-from style_aligned.pipeline.set_files import GRID, PARTIAL, SIDECAR, write_complete_set
+from style_aligned.pipeline.set_files import REQUEST, SIDECAR, SetFolder, folder_state, read_sidecar
 
 BATCH_KEY = "batch"
-"""The sidecar's key that records the manifest line a set was made from (its id, split and identity)."""
+"""The sidecar's key that records the manifest line a set was made from (its id and split; what it was asked for is
+the sidecar's `request`, the line's `SetEntry.identity`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,54 +67,59 @@ def set_folder(out: Path, entry: SetEntry) -> Path:
 
 
 def plan(entries: list[SetEntry], out: Path) -> tuple[list[SetEntry], list[SetEntry]]:
-    """Split the sets into those to make and those already complete in `out` for the same line.
+    """Split the sets into those to make (new, or unfinished by an earlier run) and those already complete in `out`
+    for the same line.
 
     Returns:
         The sets to make and the sets to skip, in manifest order.
 
     Raises:
         ValueError: If a set's folder holds something else than this line's set (another spec, another program's
-            files, an incomplete set): it is never overwritten.
+            files): it is never overwritten.
     """
     to_make: list[SetEntry] = []
     complete: list[SetEntry] = []
     problems: list[str] = []
     for entry in entries:
         folder = set_folder(out, entry)
-        if not folder.exists():
-            to_make.append(entry)
-        elif problem := folder_problem(folder, entry):
-            problems.append(f"{folder} (line {entry.line}) {problem}: move it away or change the id")
+        state = folder_state(folder, entry.identity())
+        if state in ("other", "foreign"):
+            problems.append(
+                f"{folder} (line {entry.line}) {folder_problem(folder, entry)}: move it away or change the id"
+            )
         else:
-            complete.append(entry)
+            (complete if state == "complete" else to_make).append(entry)
     if problems:
         raise ValueError("\n".join(problems))
     return to_make, complete
 
 
-def folder_problem(folder: Path, entry: SetEntry) -> str | None:
-    """Why `folder` is not the complete set of `entry`, or `None` if it is."""
+def folder_problem(folder: Path, entry: SetEntry) -> str:
+    """Why `folder` does not hold the set of `entry`."""
     try:
-        sidecar: dict[str, Any] = json.loads((folder / SIDECAR).read_text())
-    except (OSError, ValueError):
+        made_from = read_sidecar(folder).get(REQUEST)
+    except (FileNotFoundError, ValueError):
         return f"holds no readable {SIDECAR}"
-    made_from = sidecar.get(BATCH_KEY, {}).get("set") if isinstance(sidecar.get(BATCH_KEY), dict) else None
-    if made_from is None:
-        return "holds a set not made by a batch"
-    identity = entry.identity()
-    if made_from != identity:
-        differing = sorted(key for key in identity.keys() | made_from.keys() if identity.get(key) != made_from.get(key))
-        return f"holds a set made from another spec ({', '.join(differing)} differ)"
-    missing = [name for name in [*sidecar.get("images", []), GRID] if not (folder / name).is_file()]
-    if missing:
-        return f"is incomplete ({missing[0]} is missing)"
-    return None
+    if not isinstance(made_from, dict):
+        return "holds a set that records no request"
+    identity, made = entry.identity(), cast(dict[str, Any], made_from)
+    differing = sorted(key for key in identity.keys() | made.keys() if identity.get(key) != made.get(key))
+    return f"holds a set made from another spec ({', '.join(differing)} differ)"
+
+
+def missing_shares(out: Path, entry: SetEntry) -> list[tuple[int, ...]]:
+    """The shares of a set that hold images its folder lacks (all of them for a new set)."""
+    folder = set_folder(out, entry)
+    if not folder.is_dir():
+        return entry.shares()
+    names: list[str] = read_sidecar(folder).get("images", [])
+    missing = {index for index, name in enumerate(names) if not (folder / name).is_file()}
+    return [share for share in entry.shares() if missing.intersection(share)] or entry.shares()[:1]
 
 
 @contextmanager
 def output_lock(out: Path) -> Generator[None]:
-    """Hold the output folder for this batch alone (a lock the system drops if the process dies), and remove the
-    temporary folders that a batch killed earlier left behind.
+    """Hold the output folder for this batch alone (a lock the system drops if the process dies).
 
     Raises:
         ValueError: If another batch holds the folder.
@@ -126,9 +131,6 @@ def output_lock(out: Path) -> Generator[None]:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ValueError(f"another batch is writing to {out}") from None
-        for stale in out.iterdir():
-            if stale.is_dir() and PARTIAL.fullmatch(stale.name):
-                shutil.rmtree(stale)
         yield
     finally:
         os.close(descriptor)
@@ -140,7 +142,8 @@ class _SetRun:
 
     entry: SetEntry
     shares: list[tuple[int, ...]]
-    rendered: dict[int, Rendered] = field(default_factory=lambda: {})
+    folder: SetFolder | None = None
+    made: int = 0
     running: int = 0
     started: float | None = None
     failed: bool = False
@@ -162,12 +165,12 @@ class BatchRunner:
         self.out, self.executor, self.max_retries, self._progress = out, executor, max_retries, progress
         self.summary = BatchSummary(skipped=[entry.id for entry in skipped])
         self.total = len(entries) + len(skipped)
-        self.sets = {entry.id: _SetRun(entry, entry.shares()) for entry in entries}
+        self.sets = {entry.id: _SetRun(entry, missing_shares(out, entry)) for entry in entries}
         self.pending: deque[Task] = deque(task for run in self.sets.values() for task in self._first_tasks(run))
 
     def _first_tasks(self, run: _SetRun) -> list[Task]:
         entry = run.entry
-        if len(run.shares) == 1:
+        if len(entry.shares()) == 1:
             return [Task(entry=entry)]
         if entry.kind == "transfer" and entry.trajectory is None:  # invert once, then every share reuses it
             return [Task(entry=entry, invert=True)]
@@ -223,9 +226,7 @@ class BatchRunner:
             self.report(f"inverted the reference of {run.entry.id}")
         else:
             assert isinstance(finished.result, Rendered)
-            run.rendered[0 if task.images is None else run.shares.index(task.images)] = finished.result
-            if len(run.rendered) == len(run.shares):
-                self._write(run)
+            self._write(run, finished.result)
 
     def _failed(self, run: _SetRun, task: Task, error: str) -> None:
         if task.attempt <= self.max_retries:
@@ -238,26 +239,32 @@ class BatchRunner:
         self.summary.failed[run.entry.id] = f"{error} (after {attempts})"
         self.report(f"failed {task.describe()} after {attempts}: {error}")
 
-    def _write(self, run: _SetRun) -> None:
+    def _write(self, run: _SetRun, rendered: Rendered) -> None:
+        """Write a share's images into the set's folder; the set is finished with its last share."""
         entry = run.entry
-        first = run.rendered[0]
-        images = {index: image for rendered in run.rendered.values() for index, image in rendered.images.items()}
-        details = {**first.details, BATCH_KEY: {"id": entry.id, "split": entry.split, "set": entry.identity()}}
-        folder = set_folder(self.out, entry)
         try:
-            if sorted(images) != list(range(len(first.prompts))):
-                raise RuntimeError(f"the shares made images {sorted(images)} of {len(first.prompts)}")
-            ordered = [images[index] for index in range(len(first.prompts))]
-            write_complete_set(folder, details=details, images=ordered, prompts=first.prompts, title=first.title)
-        except (OSError, RuntimeError) as error:
+            if run.folder is None:
+                details = rendered.details | {
+                    REQUEST: entry.identity(),
+                    BATCH_KEY: {"id": entry.id, "split": entry.split},
+                }
+                run.folder = SetFolder(set_folder(self.out, entry), details, title=rendered.title)
+                run.folder.start()
+            for index, image in sorted(rendered.images.items()):
+                if index in run.folder.missing:
+                    run.folder.add(index, image)
+            run.made += 1
+            if run.made == len(run.shares):
+                run.folder.finish()
+        except (OSError, RuntimeError, ValueError) as error:
             run.failed = True
-            self.summary.failed[entry.id] = f"cannot write {folder}: {error}"
-            self.report(f"failed {entry.id}: cannot write {folder}: {error}")
+            self.summary.failed[entry.id] = f"cannot write {set_folder(self.out, entry)}: {error}"
+            self.report(f"failed {entry.id}: cannot write {set_folder(self.out, entry)}: {error}")
             return
-        run.rendered.clear()
-        self.summary.done.append(entry.id)
-        seconds = time.monotonic() - (run.started or time.monotonic())
-        self.report(f"done {entry.id}: {len(ordered)} images in {seconds:.0f} s -> {folder}")
+        if run.made == len(run.shares):
+            self.summary.done.append(entry.id)
+            seconds = time.monotonic() - (run.started or time.monotonic())
+            self.report(f"done {entry.id}: {len(run.folder.names)} images in {seconds:.0f} s -> {run.folder.out}")
 
 
 def run_batch(

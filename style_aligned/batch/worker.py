@@ -13,10 +13,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from style_aligned.batch.manifest import SetEntry
-from style_aligned.pipeline.generate import StableDiffusion, decode, generate_latents, generate_set
+from style_aligned.pipeline.generate import generate_set
 from style_aligned.pipeline.inversion import ReferenceTrajectory
+from style_aligned.pipeline.model import StableDiffusion
 from style_aligned.pipeline.set_files import set_title, sidecar
-from style_aligned.pipeline.transfer import TransferSpec, make_trajectory, transfer_latents, transfer_set
+from style_aligned.pipeline.transfer import TransferSpec, make_trajectory, transfer_set
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -124,11 +125,9 @@ class SetWorker:
     def _generate(self, sd: StableDiffusion, task: Task) -> Rendered:
         entry = task.entry
         spec = entry.spec.resolved(sd)
-        if task.images is None:
-            images = dict(enumerate(generate_set(sd, spec).images))
-        else:
-            latents, spec = generate_latents(sd, spec, targets=[i for i in task.images if i])
-            images = dict(zip(task.images, decode(sd, latents[list(task.images)]), strict=True))
+        indices = range(spec.num_images()) if task.images is None else task.images
+        made = generate_set(sd, spec, images=task.images).images
+        images = dict(zip(indices, made, strict=True))
         prompts = spec.image_prompts()
         details = sidecar("generate", spec, prompts, model=str(entry.model))
         return Rendered(images=images, prompts=prompts, details=details, title=set_title("generate", spec.seed))
@@ -161,10 +160,7 @@ class SetWorker:
             "caption": trajectory.caption,
             "trajectory": str(entry.trajectory) if entry.trajectory else None,
         }
-        if task.images is None:
-            images = dict(enumerate(transfer_set(sd, trajectory, spec).images))
-        else:
-            latents, _ = transfer_latents(sd, trajectory, spec, targets=[i for i in task.images if i])
-            images = dict(zip(task.images, decode(sd, latents[list(task.images)]), strict=True))
+        indices = range(spec.num_images()) if task.images is None else task.images
+        images = dict(zip(indices, transfer_set(sd, trajectory, spec, images=task.images).images, strict=True))
         details = sidecar("transfer", spec, prompts, **details)
         return Rendered(images=images, prompts=prompts, details=details, title=set_title("transfer", spec.seed))

@@ -11,6 +11,7 @@ from style_aligned.cli.options import (
     check_files,
     check_out,
     load_model,
+    say_complete,
     set_fields,
     style_options,
     write_set,
@@ -18,7 +19,7 @@ from style_aligned.cli.options import (
 from style_aligned.options import StyleAlignedOptions
 
 if TYPE_CHECKING:
-    from style_aligned.pipeline.generate import SetSpec
+    from style_aligned.pipeline.spec import SetSpec
 
 
 def generate_spec(args: argparse.Namespace) -> "SetSpec":
@@ -27,7 +28,7 @@ def generate_spec(args: argparse.Namespace) -> "SetSpec":
     Raises:
         ValueError: If an option is out of range.
     """
-    from style_aligned.pipeline.generate import SetSpec
+    from style_aligned.pipeline.spec import SetSpec
 
     references: list[str] = args.reference_prompts or []
     weights: list[float] | None = args.reference_weights
@@ -48,17 +49,20 @@ def generate_spec(args: argparse.Namespace) -> "SetSpec":
 
 def run_generate(args: argparse.Namespace) -> None:
     from style_aligned.pipeline.generate import generate_set
-    from style_aligned.pipeline.set_files import set_title, sidecar
+    from style_aligned.pipeline.set_files import set_request, set_title, sidecar
 
     spec = generate_spec(args)  # everything that can be checked before the model is read
-    check_out(args.out, args.overwrite)
+    asked = set_request("generate", spec, model=str(args.model))
+    if check_out(args.out, asked, args.overwrite):
+        return say_complete(args.out)
     check_files(args)
     sd = load_model(args)
     spec = spec.resolved(sd)
     write_set(
         args.out,
-        lambda bar: generate_set(sd, spec, progress=bar),
-        sidecar("generate", spec, spec.image_prompts(), model=str(args.model)),
+        sidecar("generate", spec, spec.image_prompts(), model=str(args.model), request=asked),
+        lambda images, progress: generate_set(sd, spec, progress=progress, images=images),
+        plan=spec.plan(),
         title=set_title("generate", spec.seed),
         overwrite=args.overwrite,
     )

@@ -1,8 +1,6 @@
 """The option groups that the commands share, and what they turn into: specs, models, progress, set files."""
 
 import argparse
-import glob
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +12,6 @@ from style_aligned.options import StyleAlignedOptions, option_fields
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
-MARKERS = ("set.json", "sweep.json")  # a folder holding one of these was written by style-aligned
 
 
 def size(text: str) -> tuple[int, int]:
@@ -163,23 +160,33 @@ def set_fields(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an output folder that is not empty, unless `overwrite` is given and it holds style-aligned output.
+def check_out(out: Path, asked: dict[str, Any], overwrite: bool) -> bool:
+    """Check what `--out` holds for the set asked for, before any expensive work (see `SetFolder`).
+
+    Returns:
+        Whether `out` already holds the whole set asked for (nothing is left to do).
 
     Raises:
-        ValueError: If the folder is a file, or is not empty and may not be replaced.
+        ValueError: If `out` holds another set and `overwrite` is not given, or holds files not written by
+            style-aligned.
     """
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    if not overwrite:
-        raise ValueError(f"--out {out} is not empty: choose another folder, or pass --overwrite to replace its set")
-    if not any((out / marker).is_file() for marker in MARKERS):
+    from style_aligned.pipeline.set_files import folder_state
+
+    state = folder_state(out, asked)
+    if state == "foreign":
         raise ValueError(
-            f"--out {out} is not empty and holds no set written by style-aligned ({' or '.join(MARKERS)}): it is not"
-            " replaced, even with --overwrite; choose another folder"
+            f"--out {out} is not empty and holds no set written by style-aligned: it is not replaced, even with"
+            " --overwrite; choose another folder"
         )
+    if state == "other" and not overwrite:
+        raise ValueError(f"--out {out} holds another set: choose another folder, or pass --overwrite to replace it")
+    return state == "complete"
+
+
+def say_complete(out: Path) -> None:
+    """Say that `--out` already holds the set asked for, and print it (the command then exits 0)."""
+    print(f"{out} already holds this set: nothing to do", file=sys.stderr)
+    print(out)
 
 
 def check_files(args: argparse.Namespace) -> None:
@@ -234,46 +241,34 @@ class ProgressBar:
 
 
 def write_set(
-    out: Path, make: Callable[[ProgressBar], Any], details: dict[str, Any], *, title: str, overwrite: bool = False
+    out: Path,
+    details: dict[str, Any],
+    make: Callable[[list[int] | None, Any], Any],
+    *,
+    plan: Any,
+    title: str,
+    overwrite: bool = False,
 ) -> None:
-    """Write a set's sidecar, make the set under a progress bar, then write its images and grid, and print `out`.
+    """Make the images that `out` lacks under a progress bar, writing each as it is decoded (see `make_set`), and
+    print `out`.
 
     Args:
-        out: The set's folder (created if needed; see `check_out`).
-        make: Makes the set (a `GeneratedSet`), reporting to the progress bar it is given.
-        details: The sidecar (see `set_files.sidecar`); written first, so that an interrupted set says what it was.
+        out: The set's folder (see `SetFolder`: a set killed part way is completed by the same command again).
+        details: The sidecar (see `set_files.sidecar`), with the request.
+        make: Makes some images of the set (see `generate_set`'s `images`), reporting to the progress it is given.
+        plan: How the set is cut (a `SetPlan`).
         title: The title of the grid image.
-        overwrite: Replace the set in `out`: the new set is written beside it and takes its place only when complete,
-            so the folder then holds exactly the new set (and the old one stays whole if the new one fails).
+        overwrite: Replace the set in `out` if it is another one (the new set takes its place only when complete).
     """
-    import shutil
-    import uuid
+    from style_aligned.pipeline.set_files import SetFolder, make_set
 
-    from style_aligned.pipeline.set_files import SIDECAR, write_json, write_set_images
-
-    check_out(out, overwrite)
-    replacing = out.is_dir() and any(out.iterdir())
-    if out.parent.is_dir():
-        for stale in out.parent.glob(f".{glob.escape(out.name)}.*.partial"):  # left by a killed replacement
-            shutil.rmtree(stale, ignore_errors=True)
-    folder = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial") if replacing else out
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = SetFolder(out, details, title=title, overwrite=overwrite)
+    if folder.complete:
+        say_complete(out)
+        return
+    bar = ProgressBar(f"{len(folder.missing)} of {len(folder.names)} images")
     try:
-        write_json(folder / SIDECAR, details)
-        bar = ProgressBar(f"{len(details['image_prompts'])} images")
-        try:
-            generated = make(bar)
-        finally:
-            bar.close()
-        write_set_images(
-            folder, generated.images, generated.prompts, title=title, num_references=generated.spec.num_references()
-        )
-        if replacing:
-            old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")
-            os.replace(out, old)
-            os.replace(folder, out)
-            shutil.rmtree(old)
+        make_set(folder, plan, make, progress=bar)
     finally:
-        if replacing and folder.exists():
-            shutil.rmtree(folder)
+        bar.close()
     print(out)

@@ -24,7 +24,7 @@ from style_aligned.options import StyleAlignedOptions
 from style_aligned.weights.hub import parse_repo_id
 
 if TYPE_CHECKING:
-    from style_aligned.pipeline.generate import SetSpec
+    from style_aligned.pipeline.spec import SetSpec
 
 
 def add_sweep_command(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +64,7 @@ def sweep_inputs(args: argparse.Namespace) -> tuple["SetSpec", list[dict[str, An
     Raises:
         ValueError: If the grid is malformed or varies an option also given as a fixed one.
     """
-    from style_aligned.pipeline.generate import SetSpec
+    from style_aligned.pipeline.spec import SetSpec
 
     settings = parse_grid(args.grid)
     fixed = style_options(args)
@@ -85,7 +85,7 @@ def run_sweep_command(args: argparse.Namespace) -> None:
     for name in (args.clip, args.dino):
         if name is not None and not Path(name).is_dir() and parse_repo_id(name) is None:
             raise FileNotFoundError(f"the scorer {name} is neither a folder nor a Hub repo id (org/name)")
-    check_out(args.out, args.overwrite)
+    check_out(args.out, {}, args.overwrite)  # a sweep replaces a set or a sweep only with --overwrite
     check_files(args)
     sd = load_model(args)
     if args.overwrite and args.out.is_dir():  # check_out allowed it: the folder holds a sweep or a set

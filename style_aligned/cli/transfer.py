@@ -15,6 +15,7 @@ from style_aligned.cli.options import (
     check_out,
     extras,
     load_model,
+    say_complete,
     style_options,
     write_set,
 )
@@ -129,6 +130,21 @@ def read_image(path: Path) -> "Image.Image":
     return image
 
 
+def transfer_request(args: argparse.Namespace, spec: "TransferSpec") -> dict[str, Any]:
+    """What a `transfer` set is asked for: the spec as given, the model and the references as given."""
+    from style_aligned.pipeline.set_files import set_request
+
+    images: list[Path] = args.images or []
+    captions: list[str] = args.captions or []
+    saved: list[Path] = args.trajectories or []
+    references = {
+        "images": [str(path) for path in images],
+        "captions": captions,
+        "trajectories": [str(path) for path in saved],
+    }
+    return set_request("transfer", spec, model=str(args.model), **references)
+
+
 def run_transfer(args: argparse.Namespace) -> None:
     from style_aligned.pipeline.inversion import ReferenceTrajectory
     from style_aligned.pipeline.set_files import set_title, sidecar
@@ -140,7 +156,9 @@ def run_transfer(args: argparse.Namespace) -> None:
     trajectories = [ReferenceTrajectory.load(path) for path in saved]
     spec = transfer_spec(args, trajectories[0] if trajectories else None)
     pictures = [read_image(path) for path in images]  # checked before the model is loaded
-    check_out(args.out, args.overwrite)
+    asked = transfer_request(args, spec)
+    if check_out(args.out, asked, args.overwrite):
+        return say_complete(args.out)
     check_files(args)
     sd = load_model(args)
     spec = spec.resolved(sd)
@@ -156,15 +174,13 @@ def run_transfer(args: argparse.Namespace) -> None:
         trajectories.append(trajectory)
     if len(trajectories) > 1:  # one reference: its caption is the reference prompt (see `transfer_set`)
         spec = replace(spec, reference_prompts=[trajectory.caption for trajectory in trajectories])
+    prompts = [*(t.caption for t in trajectories), *spec.prompts]
+    details = transfer_details(args, trajectories) | {"request": asked}
     write_set(
         args.out,
-        lambda bar: transfer_set(sd, trajectories, spec, progress=bar),
-        sidecar(
-            "transfer",
-            spec,
-            [*(t.caption for t in trajectories), *spec.prompts],
-            **transfer_details(args, trajectories),
-        ),
+        sidecar("transfer", spec, prompts, **details),
+        lambda images, progress: transfer_set(sd, trajectories, spec, progress=progress, images=images),
+        plan=spec.plan(),
         title=set_title("transfer", spec.seed),
         overwrite=args.overwrite,
     )

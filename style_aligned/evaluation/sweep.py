@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from style_aligned.evaluation.scoring import ClipScorer, DinoScorer, SetScores, evaluate_set, read_set
@@ -22,7 +23,9 @@ from style_aligned.extras import require
 from style_aligned.options import option_fields, parse_option
 
 if TYPE_CHECKING:
-    from style_aligned.pipeline.generate import Progress, ProgressEvent, SetSpec, StableDiffusion
+    from style_aligned.pipeline.model import StableDiffusion
+    from style_aligned.pipeline.progress import Progress, ProgressEvent
+    from style_aligned.pipeline.spec import SetSpec
 
 OPTIONS = tuple(option.name for option in option_fields() if not option.many)
 """The StyleAligned options a grid can vary (those that take one value)."""
@@ -219,6 +222,62 @@ def _tables(settings: list[dict[str, Any]], scores: list[SetScores], csv_path: P
     return markdown_table(["#", *names, *SCORE_COLUMNS], [True, *[False] * len(names), True, True], rows)
 
 
+def _sweep_set(
+    sd: "StableDiffusion",
+    spec: "SetSpec",
+    folder: Path,
+    *,
+    sweep: dict[str, Any],
+    details: dict[str, Any],
+    progress: "Progress | None",
+) -> list[Image.Image]:
+    """Make one setting's set in its folder, as `generate` writes it (see `SetFolder`); returns its images."""
+    from style_aligned.pipeline.generate import generate_set
+    from style_aligned.pipeline.set_files import SetFolder, make_set, set_request, sidecar
+
+    asked = set_request("generate", spec, **details, sweep=sweep)
+    files = sidecar("generate", spec, spec.image_prompts(), **details, sweep=sweep, request=asked)
+    set_folder = SetFolder(folder, files, title=f"{sweep['label']}, seed {spec.seed}")
+    make_set(
+        set_folder,
+        spec.plan(),
+        lambda images, report: generate_set(sd, spec, progress=report, images=images),
+        progress=progress,
+    )
+    return [Image.open(folder / name) for name in set_folder.names]
+
+
+def _scorers(
+    clip: Path | str | None, dino: Path | str | None, *, images: int, device: "torch.device"
+) -> "tuple[ClipScorer, DinoScorer] | None":
+    """The scorers of a sweep (none without `clip` and `dino`), checked before any set is made."""
+    if (clip is None) != (dino is None):
+        raise ValueError("scoring a sweep needs both a CLIP and a DINO folder (--clip and --dino), or neither")
+    if clip is None or dino is None:
+        return None
+    if images < 2:
+        raise ValueError("set consistency needs at least two images per set: give more prompts")
+    return ClipScorer(clip, device), DinoScorer(dino, device)
+
+
+def _score(
+    result: SweepResult,
+    scorers: "tuple[ClipScorer, DinoScorer]",
+    entries: list[dict[str, Any]],
+    *,
+    text_until: str | None,
+) -> list[SetScores]:
+    """Score a sweep's sets: the table (CSV and Markdown) and the plot beside them; the scores go into `entries`."""
+    out = result.contact_sheet.parent
+    pairs = list(zip(result.folders, result.labels, strict=True))
+    scores = [evaluate_set(read_set(folder), *scorers, name=label, text_until=text_until) for folder, label in pairs]
+    (out / MARKDOWN_TABLE).write_text(_tables(result.settings, scores, out / CSV_TABLE))
+    plot_consistency([(row.name, row.text_alignment, row.consistency) for row in scores], out / PLOT)
+    for entry, row in zip(entries, scores, strict=True):
+        entry.update(text_alignment=json_score(row.text_alignment), dino_consistency=json_score(row.consistency))
+    return scores
+
+
 def run_sweep(
     sd: "StableDiffusion",
     spec: "SetSpec",
@@ -233,9 +292,9 @@ def run_sweep(
 ) -> SweepResult:
     """Generate `spec`'s set once per setting into `out/NN-<setting>/`, then the contact sheet, table and plot.
 
-    Every setting is checked, and the scorers loaded, before the first set is generated. Each set is written like a
-    `generate` set, its sidecar recording the setting; images are written atomically, so an interrupted sweep leaves
-    its finished sets intact. `out/sweep.json` lists the settings (and their scores, once scored).
+    Every setting is checked, and the scorers loaded, before the first set is generated. Each set is written as
+    `generate` writes it (`SetFolder`), its sidecar recording the setting. `out/sweep.json` lists the settings (and
+    their scores, once scored).
 
     Args:
         sd: The model (see `style_aligned.weights.loading.load_pipeline`).
@@ -257,25 +316,18 @@ def run_sweep(
         FileNotFoundError: If a scorer's folder is missing.
     """
     from style_aligned.adapters.style_aligned_adapter import StyleAlignedAdapter
-    from style_aligned.pipeline.generate import generate_set
     from style_aligned.pipeline.images import save_png
-    from style_aligned.pipeline.set_files import SIDECAR, sidecar, write_json, write_set_images
+    from style_aligned.pipeline.set_files import sidecar, write_json
 
     plain = [dict(setting) for setting in settings]
     if not plain:
         raise ValueError("a sweep needs at least one setting")
-    if (clip is None) != (dino is None):
-        raise ValueError("scoring a sweep needs both a CLIP and a DINO folder (--clip and --dino), or neither")
     spec = spec.resolved(sd)
     specs = [replace(spec, style=spec.style.replace(**setting)).resolved(sd) for setting in plain]
     for setting_spec in specs:
         StyleAlignedAdapter(sd.unet, setting_spec.style)  # checks the layers; nothing changes until injected
     prompts = spec.image_prompts()
-    scorers = None
-    if clip is not None and dino is not None:
-        if len(prompts) < 2:
-            raise ValueError("set consistency needs at least two images per set: give more prompts")
-        scorers = ClipScorer(clip, sd.device), DinoScorer(dino, sd.device)
+    scorers = _scorers(clip, dino, images=len(prompts), device=sd.device)
     labels = [setting_label(setting) for setting in plain]
     folders = [out / f"{number:02d}-{label.replace(', ', ',')}" for number, label in enumerate(labels, start=1)]
     summary = {
@@ -289,29 +341,15 @@ def run_sweep(
     write_json(out / SUMMARY, summary | {"settings": entries, "contact_sheet": CONTACT_SHEET})
     rows: list[list[Image.Image]] = []
     for index, (setting_spec, entry, folder) in enumerate(zip(specs, entries, folders, strict=True)):
-        folder.mkdir(exist_ok=True)
-        sweep = {"index": index + 1, "count": len(specs), **entry}
-        write_json(folder / SIDECAR, sidecar("generate", setting_spec, prompts, **(details or {}), sweep=sweep))
-        generated = generate_set(sd, setting_spec, progress=_offset(progress, index, len(specs)))
-        write_set_images(
-            folder,
-            generated.images,
-            prompts,
-            title=f"{entry['label']}, seed {spec.seed}",
-            num_references=setting_spec.num_references(),
-        )
-        rows.append(generated.images)
+        sweep, report = {"index": index + 1, "count": len(specs), **entry}, _offset(progress, index, len(specs))
+        rows.append(_sweep_set(sd, setting_spec, folder, sweep=sweep, details=dict(details or {}), progress=report))
     columns = [f"reference: {prompts[0]}", *prompts[1:]]
     save_png(contact_sheet(rows, [f"{n}. {label}" for n, label in enumerate(labels, 1)], columns), out / CONTACT_SHEET)
     result = SweepResult(settings=plain, labels=labels, folders=folders, contact_sheet=out / CONTACT_SHEET)
     if scorers is None:
         return result
-    pairs = list(zip(folders, labels, strict=True))
-    scores = [evaluate_set(read_set(folder), *scorers, name=label, text_until=text_until) for folder, label in pairs]
-    (out / MARKDOWN_TABLE).write_text(_tables(plain, scores, out / CSV_TABLE))
-    plot_consistency([(row.name, row.text_alignment, row.consistency) for row in scores], out / PLOT)
-    for entry, row in zip(entries, scores, strict=True):
-        entry.update(text_alignment=json_score(row.text_alignment), dino_consistency=json_score(row.consistency))
-    outputs = {"settings": entries, "contact_sheet": CONTACT_SHEET, "table": CSV_TABLE, "plot": PLOT}
-    write_json(out / SUMMARY, summary | outputs)
+    scores = _score(result, scorers, entries, text_until=text_until)
+    write_json(
+        out / SUMMARY, summary | {"settings": entries, "contact_sheet": CONTACT_SHEET, "table": CSV_TABLE, "plot": PLOT}
+    )
     return replace(result, scores=scores, csv=out / CSV_TABLE, markdown=out / MARKDOWN_TABLE, plot=out / PLOT)

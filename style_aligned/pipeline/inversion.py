@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +12,10 @@ from refiners.foundationals.latent_diffusion.solvers import DDIM
 from torch import Tensor
 
 from style_aligned.options import model_kind
-from style_aligned.pipeline.generate import SetConditioning, StableDiffusion, autoencoder_in_float32
+from style_aligned.pipeline.conditioning import SetConditioning
 from style_aligned.pipeline.images import Fit, fit_image
+from style_aligned.pipeline.model import StableDiffusion, autoencoder_in_float32
+from style_aligned.pipeline.progress import Progress, ProgressEvent
 from style_aligned.weights.safetensors_io import SafetensorsReader, WeightsError, write_safetensors
 
 
@@ -166,7 +167,7 @@ def invert(
     guidance: float = 2.0,
     width: int | None = None,
     height: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> ReferenceTrajectory:
     """Invert an encoded image with DDIM under its caption, with classifier-free guidance.
 
@@ -178,7 +179,7 @@ def invert(
         guidance: The classifier-free guidance scale of the noise predictions (2 in the reference example).
         width: The image width in pixels (default: from the latents).
         height: The image height in pixels (default: from the latents).
-        progress: Called with (steps done, steps) after each step.
+        progress: Called after each step (phase `"invert"`).
 
     Returns:
         The trajectory, from the noisiest latent to the encoded image.
@@ -198,7 +199,7 @@ def invert(
             x = inversion.step(x, noise, index)
             trajectory.append(x)
             if progress:
-                progress(index + 1, inversion.num_steps)
+                progress(ProgressEvent.inverted(step=index + 1, steps=inversion.num_steps))
     return ReferenceTrajectory(
         latents=torch.cat(trajectory[::-1]),
         timesteps=[int(t) for t in solver.timesteps[solver.first_inference_step :]],

@@ -10,7 +10,8 @@ The U-Net's memory is that of one batch of views, whatever the width.
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,18 +23,13 @@ from torch import Tensor
 
 from style_aligned.adapters.style_aligned_adapter import StyleAlignedAdapter
 from style_aligned.options import ModelKind, StyleAlignedOptions, model_kind
-from style_aligned.pipeline.generate import (
-    DEFAULT_GUIDANCE,
-    DEFAULT_SIZE,
-    Progress,
-    ProgressEvent,
-    SetConditioning,
-    StableDiffusion,
-    autoencoder_in_float32,
-    ddim,
-)
+from style_aligned.pipeline.conditioning import SetConditioning
 from style_aligned.pipeline.images import Fit
 from style_aligned.pipeline.inversion import ReferenceTrajectory, encode_image, invert
+from style_aligned.pipeline.model import StableDiffusion, autoencoder_in_float32
+from style_aligned.pipeline.progress import Preview, Progress, ProgressEvent
+from style_aligned.pipeline.solvers import ddim
+from style_aligned.pipeline.spec import DEFAULT_GUIDANCE, DEFAULT_SIZE
 from style_aligned.pipeline.transfer import INVERSION_GUIDANCE, OFFSET
 
 DEFAULT_PANORAMA: dict[ModelKind, tuple[int, int]] = {"sd1": (2048, 512), "sdxl": (4096, 1024)}
@@ -244,7 +240,9 @@ def reference_trajectory(sd: StableDiffusion, spec: PanoramaSpec) -> ReferenceTr
     )
 
 
-def generate_panorama(sd: StableDiffusion, spec: PanoramaSpec, progress: Progress | None = None) -> Panorama:
+def generate_panorama(
+    sd: StableDiffusion, spec: PanoramaSpec, *, progress: Progress | None = None, preview: Preview | None = None
+) -> Panorama:
     """Generate a panorama whose views share the style of a reference image.
 
     The DDIM solver of the reference examples is used; the model's solver is restored afterwards, and StyleAligned
@@ -254,6 +252,7 @@ def generate_panorama(sd: StableDiffusion, spec: PanoramaSpec, progress: Progres
         sd: A `StableDiffusion_XL` or `StableDiffusion_1`.
         spec: What to generate.
         progress: Called after each U-Net call (the reference, then each batch of views) and each decoded image.
+        preview: Called with the reference's latent after each of its steps.
 
     Returns:
         The reference image (the plain image of its prompt, or the reconstructed input image), the panorama, and
@@ -275,63 +274,94 @@ def generate_panorama(sd: StableDiffusion, spec: PanoramaSpec, progress: Progres
     reference = torch.randn(1, 4, view_height // 8, view_width // 8, generator=generator)
     canvas = torch.randn(1, 4, spec.height // 8, spec.width // 8, generator=generator)
     reference, canvas = (t.to(device=sd.device, dtype=sd.dtype) for t in (reference, canvas))
-    solver = ddim(sd, spec.steps)
-    targets = panorama_targets(spec, conditioning([1])["clip_text_embedding"])
-    num_batches = math.ceil(len(targets) / spec.view_batch)
-    steps = list(solver.inference_steps)
-    total = len(steps) * (1 + num_batches) + 2
-
-    def report(phase: str, done: int, step: int, chunk: int, chunks: int) -> None:
-        if progress:
-            progress(
-                ProgressEvent(
-                    done=done, total=total, phase=phase, step=step, steps=len(steps), chunk=chunk, chunks=chunks
-                )
-            )
-
-    trajectory_latents = None
     if trajectory is not None:
-        trajectory_latents = trajectory.latents.to(device=sd.device, dtype=sd.dtype)
-        reference = trajectory_latents[spec.offset][None]
-    cache = adapter.reference_cache
-    position = {"step": 0}
-
-    def on_batch(chunk: int, chunks: int) -> None:
-        number = position["step"]
-        report("targets", (number - 1) * (1 + chunks) + 1 + chunk, number, chunk, chunks)
-
-    diffusion = StyleAlignedMultiDiffusion(
-        ldm=sd, conditioning=lambda n: conditioning([1] * n), view_batch=spec.view_batch, on_batch=on_batch
-    )
-    previous_solver, sd.solver = sd.solver, solver
-    try:
-        adapter.inject()
-        try:
-            for number, step in enumerate(steps, start=1):
-                position["step"] = number
-                done = (number - 1) * (1 + num_batches)
-                with torch.no_grad():
-                    with cache.record():
-                        reference = sd(reference, step, **conditioning([0]), condition_scale=spec.guidance)
-                    if trajectory_latents is not None:
-                        reference = trajectory_latents[max(spec.offset + 1, step - solver.first_inference_step + 1)][
-                            None
-                        ]
-                    report("reference", done + 1, number, 0, num_batches)
-                    with cache.replay():
-                        canvas = diffusion(canvas, noise=canvas, step=step, targets=targets)
-                cache.clear()
-        finally:
-            adapter.eject()
-    finally:
-        sd.solver = previous_solver
+        reference = trajectory.latents[spec.offset][None].to(device=sd.device, dtype=sd.dtype)
+    targets = panorama_targets(spec, conditioning([1])["clip_text_embedding"])
+    run = _PanoramaRun(sd, spec, adapter, conditioning, targets=targets, trajectory=trajectory)
+    reference, canvas = run.denoise(reference, canvas, progress=progress, preview=preview)
     images: list[Image.Image] = []
     with torch.no_grad(), autoencoder_in_float32(sd):
         for index, latents in enumerate((reference, canvas)):
             images.append(sd.lda.latents_to_image(latents.to(sd.lda.dtype)))
-            report("decode", total - 1 + index, 0, index + 1, 2)
+            run.report(progress, "decode", run.total - 1 + index, 0, index + 1, 2)
     views = [(target.offset[0] * 8, target.offset[1] * 8) for target in targets]
     return Panorama(reference=images[0], panorama=images[1], spec=spec, views=views)
+
+
+class _PanoramaRun:
+    """The denoising of a panorama: the reference alone, recorded, then the views in batches, at every step."""
+
+    def __init__(
+        self,
+        sd: StableDiffusion,
+        spec: PanoramaSpec,
+        adapter: StyleAlignedAdapter[Any],
+        conditioning: SetConditioning,
+        *,
+        targets: list[DiffusionTarget],
+        trajectory: ReferenceTrajectory | None,
+    ) -> None:
+        self.sd, self.spec, self.adapter, self.conditioning = sd, spec, adapter, conditioning
+        self.targets, self.trajectory = targets, trajectory
+        self.solver = ddim(sd, spec.steps)
+        self.steps = list(self.solver.inference_steps)
+        self.num_batches = math.ceil(len(targets) / spec.view_batch)
+        self.total = len(self.steps) * (1 + self.num_batches) + 2
+
+    def report(self, progress: Progress | None, phase: str, done: int, step: int, chunk: int, chunks: int) -> None:
+        if progress:
+            steps = len(self.steps)
+            progress(
+                ProgressEvent(
+                    done=done, total=self.total, phase=phase, step=step, steps=steps, chunk=chunk, chunks=chunks
+                )
+            )
+
+    def denoise(
+        self, reference: Tensor, canvas: Tensor, *, progress: Progress | None, preview: Preview | None
+    ) -> tuple[Tensor, Tensor]:
+        """Denoise the reference and the canvas; returns their final latents."""
+        sd, spec, cache = self.sd, self.spec, self.adapter.reference_cache
+        trajectory = None if self.trajectory is None else self.trajectory.latents.to(device=sd.device, dtype=sd.dtype)
+        position = {"step": 0}
+
+        def on_batch(chunk: int, chunks: int) -> None:
+            number = position["step"]
+            self.report(progress, "targets", (number - 1) * (1 + chunks) + 1 + chunk, number, chunk, chunks)
+
+        diffusion = StyleAlignedMultiDiffusion(
+            ldm=sd, conditioning=lambda n: self.conditioning([1] * n), view_batch=spec.view_batch, on_batch=on_batch
+        )
+        previous_solver, sd.solver = sd.solver, self.solver
+        try:
+            with injected(self.adapter), torch.no_grad():
+                for number, step in enumerate(self.steps, start=1):
+                    position["step"] = number
+                    with cache.record():
+                        reference = sd(reference, step, **self.conditioning([0]), condition_scale=spec.guidance)
+                    if trajectory is not None:
+                        reference = trajectory[max(spec.offset + 1, step - self.solver.first_inference_step + 1)][None]
+                    if preview:
+                        preview(reference)
+                    self.report(
+                        progress, "reference", (number - 1) * (1 + self.num_batches) + 1, number, 0, self.num_batches
+                    )
+                    with cache.replay():
+                        canvas = diffusion(canvas, noise=canvas, step=step, targets=self.targets)
+                    cache.clear()
+        finally:
+            sd.solver = previous_solver
+        return reference, canvas
+
+
+@contextmanager
+def injected(adapter: StyleAlignedAdapter[Any]) -> Generator[None]:
+    """Inject the adapter for the block, and eject it however the block ends."""
+    adapter.inject()
+    try:
+        yield
+    finally:
+        adapter.eject()
 
 
 REFERENCE_FILE = "reference.png"

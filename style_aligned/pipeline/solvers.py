@@ -22,6 +22,8 @@ from refiners.foundationals.latent_diffusion.solvers import (
 )
 from torch import Generator, Tensor
 
+from style_aligned.pipeline.model import StableDiffusion
+
 SolverName = Literal["ddim", "dpm", "euler", "lcm"]
 Spacing = Literal["leading", "trailing", "linspace"]
 SOLVERS: tuple[SolverName, ...] = get_args(SolverName)
@@ -151,3 +153,12 @@ def solver_step(
         for i in range(x.shape[0])
     ]
     return torch.cat(rows)
+
+
+def ddim(sd: StableDiffusion, steps: int) -> ExactDDIM:
+    """The DDIM solver of the reference examples: scaled-linear betas from 0.00085 to 0.012, leading spacing,
+    timesteps `[980, 960, ..., 0]` for 50 steps (offset 0), final cumulative alpha that of timestep 0, and the last
+    step as diffusers' `DDIMScheduler` computes it (see `ExactDDIM`)."""
+    solver = make_solver("ddim", steps, device=sd.device, dtype=sd.dtype)
+    assert isinstance(solver, ExactDDIM)
+    return solver

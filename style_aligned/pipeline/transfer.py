@@ -1,6 +1,6 @@
 """Style transfer from a real image: the reference row follows the image's DDIM inversion trajectory."""
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -8,21 +8,14 @@ from PIL import Image
 from torch import Tensor
 
 from style_aligned.options import ModelKind, StyleAlignedOptions
-from style_aligned.pipeline.generate import (
-    GeneratedSet,
-    Preview,
-    Progress,
-    SetSpec,
-    StableDiffusion,
-    ddim,
-    decode_set,
-    denoise_with_extras,
-    initial_noise,
-    part_targets,
-    with_preview,
-)
+from style_aligned.pipeline.denoise import denoise_with_extras, with_preview
+from style_aligned.pipeline.generate import decode_set, initial_noise
 from style_aligned.pipeline.images import Fit
 from style_aligned.pipeline.inversion import ReferenceTrajectory, encode_image, invert
+from style_aligned.pipeline.model import StableDiffusion
+from style_aligned.pipeline.progress import Preview, Progress
+from style_aligned.pipeline.solvers import ddim
+from style_aligned.pipeline.spec import GeneratedSet, SetSpec
 
 TRANSFER_GUIDANCE = 10.0
 INVERSION_GUIDANCE = 2.0
@@ -46,6 +39,10 @@ class TransferSpec(SetSpec):
     inversion_guidance: float = INVERSION_GUIDANCE
     fit: Fit = "crop"
     style: StyleAlignedOptions = field(default_factory=StyleAlignedOptions.for_transfer)
+
+    def num_images(self) -> int:
+        """The number of images of the set: the references (the images' captions) and the targets."""
+        return self.num_references() + len(self.prompts)
 
     def resolved(self, sd: "StableDiffusion | ModelKind") -> "TransferSpec":
         spec = replace(self, guidance=TRANSFER_GUIDANCE if self.guidance is None else self.guidance)
@@ -77,11 +74,11 @@ def make_trajectory(
     caption: str,
     *,
     spec: TransferSpec,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> ReferenceTrajectory:
     """Encode and invert a reference image for the sets of `spec` (its size, steps and fit).
 
-    `progress` is called with (steps done, steps) after each inversion step.
+    `progress` is called after each inversion step (phase `"invert"`).
     """
     spec = replace(spec, reference_prompts=None, reference_weights=None).resolved(sd)  # the image alone
     assert spec.width is not None and spec.height is not None
@@ -191,7 +188,8 @@ def transfer_set(
     Raises:
         ValueError: If a setting is out of range or the trajectory does not fit the model, schedule or size.
     """
-    count = len([trajectory] if isinstance(trajectory, ReferenceTrajectory) else list(trajectory))
-    targets = part_targets(len(spec.prompts) + count, images, num_references=count)
+    trajectories = [trajectory] if isinstance(trajectory, ReferenceTrajectory) else list(trajectory)
+    several = [f"reference {number}" for number in range(1, len(trajectories) + 1)] if len(trajectories) > 1 else None
+    targets, decoded = replace(spec, reference_prompts=several).plan().select(images)
     latents, spec = transfer_latents(sd, trajectory, spec, progress=progress, targets=targets, preview=preview)
-    return decode_set(sd, latents, spec, progress=progress, targets=targets)
+    return decode_set(sd, latents, spec, images=decoded, progress=progress)

@@ -1,8 +1,9 @@
 """Batches end to end on the random SD1 model at 64x64 px, 2 steps: on a local Ray cluster of 2 workers, against
 each set made alone by `generate` or `transfer`, and in this process after the driver was killed.
 
-One manifest of 4 sets (one split generate set, one split transfer) and a set that fails (its image is missing) is
-made once on Ray and once without; the tests compare those runs. Each Ray worker loads its own pipeline (about
+One manifest of 6 sets (one split generate set, one split transfer, a set of two weighted references split in two and
+the same set unsplit) and a set that fails (its image is missing) is made once on Ray and once without; the tests
+compare those runs, and a rerun of the Ray run skips every complete set. Each Ray worker loads its own pipeline (about
 4.2 GiB), so 2 workers at most.
 """
 
@@ -50,6 +51,23 @@ SETS: list[dict[str, Any]] = [
         "split": 2,
     },
     {"id": "fruit", "kind": "generate", "prompts": ["an apple", "a pear", "a plum"], "chunk_size": 1, "seed": 4},
+    {
+        "id": "fox2",
+        "kind": "generate",
+        "reference_prompts": ["a fox, oil paint", "a fox, watercolor"],
+        "reference_weights": [2, 1],
+        "prompts": ["a hare", "a deer", "an owl"],
+        "seed": 5,
+        "split": 2,
+    },
+    {
+        "id": "fox1",
+        "kind": "generate",
+        "reference_prompts": ["a fox, oil paint", "a fox, watercolor"],
+        "reference_weights": [2, 1],
+        "prompts": ["a hare", "a deer", "an owl"],
+        "seed": 5,
+    },
     {"id": "broken", "kind": "transfer", "image": "missing.png", "caption": CAPTION, "prompts": ["a man"], "offset": 1},
 ]
 COMPLETE = [line["id"] for line in SETS if line["id"] != "broken"]
@@ -79,6 +97,7 @@ def runs(sd1_converted: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
 
     on_ray = run(batch(manifest, folder / "ray", *model, "--workers", "2"))
     assert on_ray.returncode in (0, 1), on_ray.stderr
+    ray_again = run(batch(manifest, folder / "ray", *model))
 
     local = folder / "local"
     environment = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -86,7 +105,7 @@ def runs(sd1_converted: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     with log.open("w") as stderr:
         killed = subprocess.Popen(batch(manifest, local, *model), env=environment, stderr=stderr, text=True)
         deadline = time.monotonic() + 600
-        while not (local / "toys").exists() and killed.poll() is None and time.monotonic() < deadline:
+        while not (local / "toys" / "grid.png").exists() and killed.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         killed.send_signal(signal.SIGKILL)
         killed.wait()
@@ -97,6 +116,7 @@ def runs(sd1_converted: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
         "folder": folder,
         "model": sd1_converted,
         "on_ray": on_ray,
+        "ray_again": ray_again,
         "killed_output": killed_output,
         "after_kill": after_kill,
         "rerun": rerun,
@@ -121,7 +141,7 @@ def test_on_ray_failed_set_is_retried_and_reported_and_the_others_complete(runs:
     assert "failed broken after 2 attempts" in on_ray.stderr
     assert "medieval (share 2/2)" in on_ray.stderr and "inverted the reference of medieval" in on_ray.stderr
     summary = on_ray.stdout.splitlines()
-    assert "5 sets: 4 done, 0 skipped, 1 failed" in summary
+    assert "7 sets: 6 done, 0 skipped, 1 failed" in summary
     assert any(line.startswith("failed broken: ValueError: cannot read the reference image") for line in summary)
     out = runs["folder"] / "ray"
     assert sorted(path.name for path in out.iterdir()) == sorted(COMPLETE)  # no folder for the failed set
@@ -135,7 +155,9 @@ def test_sets_are_bit_identical_to_each_set_made_alone(runs: dict[str, Any], tmp
     def prompts(line: dict[str, Any]) -> list[str]:
         return [argument for prompt in line["prompts"] for argument in ("--prompt", prompt)]
 
-    toys, animals, medieval, fruit = SETS[:4]
+    toys, animals, medieval, fruit, fox2 = SETS[:5]
+    references = [argument for prompt in fox2["reference_prompts"] for argument in ("--reference-prompt", prompt)]
+    weights = ["--reference-weight", "2", "--reference-weight", "1"]
     commands = {
         "toys": ["generate", *common, *prompts(toys), "--seed", "1"],
         "animals": ["generate", *common, *prompts(animals), "--reference-prompt", animals["reference_prompt"],
@@ -143,6 +165,8 @@ def test_sets_are_bit_identical_to_each_set_made_alone(runs: dict[str, Any], tmp
         "medieval": ["transfer", *common, *prompts(medieval), "--image", str(folder / "reference.png"),
                      "--caption", CAPTION, "--offset", "1", "--seed", "3", "--chunk-size", "1"],
         "fruit": ["generate", *common, *prompts(fruit), "--seed", "4", "--chunk-size", "1"],
+        "fox2": ["generate", *common, *prompts(fox2), *references, *weights, "--seed", "5", "--chunk-size", "2"],
+        "fox1": ["generate", *common, *prompts(fox2), *references, *weights, "--seed", "5"],
     }  # fmt: skip
     for name, command in commands.items():
         cli([*command, "--out", str(tmp_path / name)])
@@ -166,7 +190,7 @@ def test_killed_driver_rerun_without_ray_skips_finished_sets_and_gives_the_same_
     assert "toys" in runs["after_kill"] and "animals" not in runs["after_kill"]  # killed after the first set
     rerun: subprocess.CompletedProcess[str] = runs["rerun"]
     assert rerun.returncode == 1, rerun.stderr
-    assert "5 sets: 3 done, 1 skipped, 1 failed" in rerun.stdout.splitlines()
+    assert "7 sets: 5 done, 1 skipped, 1 failed" in rerun.stdout.splitlines()
     assert "started toys" not in rerun.stderr and "Ray" not in rerun.stderr
     assert "failed broken after 2 attempts" in rerun.stderr
     local, on_ray = runs["folder"] / "local", runs["folder"] / "ray"
@@ -175,3 +199,25 @@ def test_killed_driver_rerun_without_ray_skips_finished_sets_and_gives_the_same_
         made_locally, made_on_ray = files(local / name), files(on_ray / name)
         assert json.loads(made_locally.pop("set.json")) == json.loads(made_on_ray.pop("set.json"))
         assert made_locally == made_on_ray, name
+
+
+def test_a_rerun_skips_every_complete_set(runs: dict[str, Any]) -> None:
+    again: subprocess.CompletedProcess[str] = runs["ray_again"]
+    assert again.returncode == 1, again.stderr
+    assert "7 sets: 0 done, 6 skipped, 1 failed" in again.stdout.splitlines()
+    assert all(f"started {name}" not in again.stderr for name in COMPLETE)
+
+
+def test_two_references_split_or_not_name_their_files_as_generate(runs: dict[str, Any]) -> None:
+    """A set of two weighted references, split in two shares or not, writes the same files, named as `generate`
+    names them (both references marked), and records no image still to come. (Its chunks differ, 2 targets and 1 or
+    all 3 at once, so its pixels may differ by a rounding: each equals `generate` with its chunk size exactly.)"""
+    for where in ("ray", "local"):
+        split, whole = (runs["folder"] / where / name for name in ("fox2", "fox1"))
+        sidecar = json.loads((split / "set.json").read_text())
+        assert sidecar["images"][:2] == ["00-reference-a-fox-oil-paint.png", "01-reference-a-fox-watercolor.png"]
+        assert "pending" not in sidecar and sidecar["batch"] == {"id": "fox2", "split": 2}
+        split_files, whole_files = files(split), files(whole)
+        assert split_files.keys() == whole_files.keys() == {*sidecar["images"], "grid.png", "set.json"}
+        for name in sidecar["images"]:
+            assert max_difference(split_files[name], whole_files[name]) <= 1, name

@@ -12,7 +12,7 @@ import style_aligned.weights.loading as loading
 from style_aligned.batch import ManifestError, read_manifest
 from style_aligned.batch.runner import BATCH_KEY
 from style_aligned.cli import main as cli
-from style_aligned.pipeline.generate import chunks_of_targets, target_chunks
+from style_aligned.pipeline.plan import SetPlan
 from style_aligned.pipeline.transfer import TransferSpec
 
 
@@ -60,10 +60,10 @@ def test_shares_are_whole_chunks_covering_every_target_once(
     assert 1 < len(shares) <= split and shares[0][0] == 0
     assert sorted(image for share in shares for image in share) == list(range(targets + 1))
     for share in shares:  # a share is whole chunks: rendering it runs the same batches as the whole set
-        assert chunks_of_targets(targets + 1, entry.spec.chunk_size, [i for i in share if i])
+        assert SetPlan(targets + 1, 1, entry.spec.chunk_size).chunks_of([i for i in share if i])
     with pytest.raises(ValueError, match="not whole chunks"):
-        chunks_of_targets(5, 2, [1])
-    assert chunks_of_targets(5, 2, None) == target_chunks(5, 2)
+        SetPlan(5, 1, 2).chunks_of([1])
+    assert SetPlan(5, 1, 2).chunks_of(None) == SetPlan(5, 1, 2).chunks
 
 
 def test_bad_lines_fail_before_any_model_is_loaded_naming_each_line(
@@ -112,9 +112,9 @@ def test_a_folder_holding_another_set_is_an_error_not_an_overwrite(
     folder = tmp_path / "out" / "toys"
     folder.mkdir(parents=True)
     other = {**entry.identity(), "seed": 5}
-    sidecar = json.dumps({"images": [], BATCH_KEY: {"id": "toys", "split": 1, "set": other}})
+    sidecar = json.dumps({"images": [], "request": other, BATCH_KEY: {"id": "toys", "split": 1}})
     (folder / "set.json").write_text(sidecar)
-    for made_by, expected in [(sidecar, "made from another spec (seed differ)"), ("{}", "not made by a batch")]:
+    for made_by, expected in [(sidecar, "made from another spec (seed differ)"), ("{}", "that records no request")]:
         (folder / "set.json").write_text(made_by)
         with pytest.raises(SystemExit) as exit_info:
             cli(["batch", str(manifest), "--out", str(tmp_path / "out"), "--model", str(tmp_path)])

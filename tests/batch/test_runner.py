@@ -53,7 +53,10 @@ class StandIn:
         prompts = entry.spec.image_prompts() if entry.kind == "generate" else ["caption", *entry.spec.prompts]
         indices = task.images if task.images is not None else tuple(range(len(prompts)))
         images = {index: Image.new("RGB", (8, 8), (index * 40, 0, 0)) for index in indices}
-        details = {"images": [image_name(index, prompt) for index, prompt in enumerate(prompts)]}
+        details = {
+            "images": [image_name(index, prompt) for index, prompt in enumerate(prompts)],
+            "image_prompts": prompts,
+        }
         return [
             Finished(slot=slot, task=task, result=Rendered(images=images, prompts=prompts, details=details, title="t"))
         ]
@@ -77,7 +80,6 @@ def test_retries_split_sets_and_resuming(tmp_path: Path) -> None:
     ]
     entries = read_manifest(manifest(tmp_path, lines), model=tmp_path)
     out = tmp_path / "out"
-    (out / ".a.0123abcd.partial").mkdir(parents=True)  # left by a killed run
     events: list[BatchProgress] = []
     executor = StandIn()
     summary = run_batch(entries, out, executor=lambda: executor, max_retries=2, progress=events.append)
@@ -89,7 +91,8 @@ def test_retries_split_sets_and_resuming(tmp_path: Path) -> None:
     for index, name in enumerate(big["images"]):  # put back in order from shares that finished out of order
         with Image.open(out / "big" / name) as image:
             assert image.getpixel((0, 0)) == (index * 40, 0, 0)
-    assert big["batch"] == {"id": "big", "split": 2, "set": entries[2].identity()}
+    assert big["batch"] == {"id": "big", "split": 2} and big["request"] == entries[2].identity()
+    assert "pending" not in big
     tr_tasks = [task for task in executor.submitted if task.entry.id == "tr"]
     assert tr_tasks[0].invert and all(task.trajectory is not None for task in tr_tasks[1:]) and len(tr_tasks) == 3
     assert [task.attempt for task in executor.submitted if task.entry.id == "bad"] == [1, 2, 3]

@@ -16,7 +16,8 @@ from style_aligned.cli import main as cli
 from style_aligned.evaluation.scoring import read_set
 from style_aligned.evaluation.sweep import contact_sheet, parse_grid, run_sweep, setting_label
 from style_aligned.options import StyleAlignedOptions
-from style_aligned.pipeline.generate import ProgressEvent, SetSpec
+from style_aligned.pipeline.progress import ProgressEvent
+from style_aligned.pipeline.spec import SetSpec
 from style_aligned.weights.loading import load_pipeline
 
 PROMPTS = ["a toy train. watercolor", "a red bicycle. watercolor"]

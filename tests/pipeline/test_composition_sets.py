@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 
 from style_aligned.cli import main as cli
 from style_aligned.pipeline.composition import ControlSpec, IPAdapterSpec, LoraSpec
-from style_aligned.pipeline.generate import SetSpec, generate_set
+from style_aligned.pipeline.generate import generate_set
+from style_aligned.pipeline.spec import SetSpec
 from style_aligned.weights.lora import LoraError
 from style_aligned.weights.random_weights import build_random
 

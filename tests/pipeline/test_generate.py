@@ -14,7 +14,9 @@ import style_aligned.pipeline.set_files as set_files
 from style_aligned import SharedAttentionAdapter
 from style_aligned.cli import main as cli
 from style_aligned.options import StyleAlignedOptions
-from style_aligned.pipeline.generate import ProgressEvent, SetSpec, generate_set
+from style_aligned.pipeline.generate import generate_set
+from style_aligned.pipeline.progress import ProgressEvent
+from style_aligned.pipeline.spec import SetSpec
 
 PROMPTS = ["a toy train", "a toy airplane", "a toy bicycle", "a toy car"]
 

@@ -14,7 +14,7 @@ from refiners.foundationals.latent_diffusion.stable_diffusion_1.multi_diffusion 
 
 from style_aligned import SharedAttentionAdapter, StyleAlignedAdapter
 from style_aligned.cli import main as cli
-from style_aligned.pipeline.generate import ProgressEvent, SetConditioning, ddim
+from style_aligned.pipeline.conditioning import SetConditioning
 from style_aligned.pipeline.panorama import (
     PanoramaSpec,
     StyleAlignedMultiDiffusion,
@@ -22,6 +22,8 @@ from style_aligned.pipeline.panorama import (
     panorama_targets,
     view_offsets,
 )
+from style_aligned.pipeline.progress import ProgressEvent
+from style_aligned.pipeline.solvers import ddim
 
 REFERENCE, PROMPT = "a watercolor painting of a lake", "a mountain range at dawn"
 

@@ -95,7 +95,7 @@ def test_a_finished_set_is_kept_or_replaced_whole(
     with monkeypatch.context() as patch:  # a second run into the finished set: refused before any model is read
         patch.setattr(loading, "load_pipeline", lambda *_, **__: pytest.fail("a model was read"))
         error = error_of([*common, "--prompt", "a toy boat", "--prompt", "a toy truck"], capsys)
-    assert "is not empty" in error and "--overwrite" in error
+    assert "holds another set" in error and "--overwrite" in error
     assert digests(out) == before  # byte for byte as it was
 
     cli([*common, "--prompt", "a toy boat", "--prompt", "a toy truck", "--seed", "3", "--overwrite"])

@@ -7,7 +7,9 @@ from PIL import Image
 from refiners.foundationals.latent_diffusion import StableDiffusion_1
 from torch import Tensor
 
-from style_aligned.pipeline.generate import ProgressEvent, SetSpec, generate_set
+from style_aligned.pipeline.generate import generate_set
+from style_aligned.pipeline.progress import ProgressEvent
+from style_aligned.pipeline.spec import SetSpec
 from style_aligned.pipeline.transfer import TransferSpec, make_trajectory, transfer_set
 
 pytestmark = pytest.mark.slow
@@ -31,7 +33,9 @@ def test_parts_of_a_set_equal_the_whole_set(sd1_pipeline: StableDiffusion_1) -> 
     assert np.array_equal(pixels(first.images), whole[:3]) and np.array_equal(pixels(second.images), whole[[0, 3]])
     assert [tuple(latent.shape) for latent in previews] == [(1, 4, 8, 8)] * 2
     assert [event.done for event in events] == [1, 2, 3, 4, 5] and events[-1].total == 5  # 2 calls, 3 decodes
-    for wrong in ([1, 2], [0, 2, 1], [0, 4]):
+    without_reference = generate_set(sd, spec, images=[1, 2])  # the reference is denoised, not decoded
+    assert np.array_equal(pixels(without_reference.images), whole[1:3])
+    for wrong in ([0, 1], [3, 1, 2], [0, 2, 1], [0, 4], []):
         with pytest.raises(ValueError, match="a part of a set of 4 images"):
             generate_set(sd, spec, images=wrong)
 
@@ -40,9 +44,7 @@ def test_parts_of_a_transfer_set_equal_the_whole_set(sd1_pipeline: StableDiffusi
     sd = sd1_pipeline
     gradient = np.linspace(0, 255, 64 * 64 * 3).reshape(64, 64, 3).astype(np.uint8)
     spec = TransferSpec(prompts=PROMPTS[1:3], width=64, height=64, steps=2, offset=1, chunk_size=1)
-    trajectory = make_trajectory(
-        sd, Image.fromarray(gradient), PROMPTS[0], spec=spec, progress=lambda done, steps: None
-    )
+    trajectory = make_trajectory(sd, Image.fromarray(gradient), PROMPTS[0], spec=spec, progress=lambda event: None)
     whole = pixels(transfer_set(sd, trajectory, spec).images)
     previews: list[Tensor] = []
     parts = [transfer_set(sd, trajectory, spec, images=[0, 1], preview=previews.append)]

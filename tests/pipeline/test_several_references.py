@@ -14,7 +14,10 @@ from refiners.foundationals.latent_diffusion import StableDiffusion_1
 from style_aligned import StyleAlignedAdapter
 from style_aligned.cli import main as cli
 from style_aligned.options import StyleAlignedOptions
-from style_aligned.pipeline.generate import SetConditioning, SetSpec, ddim, decode, generate_set, initial_noise
+from style_aligned.pipeline.conditioning import SetConditioning
+from style_aligned.pipeline.generate import decode, generate_set, initial_noise
+from style_aligned.pipeline.solvers import ddim
+from style_aligned.pipeline.spec import SetSpec
 from style_aligned.pipeline.transfer import TransferSpec, make_trajectory, transfer_set
 from tests.helpers import models
 

@@ -13,8 +13,11 @@ from refiners.foundationals.latent_diffusion import StableDiffusion_1
 from style_aligned import SharedAttentionAdapter
 from style_aligned.cli import main as cli
 from style_aligned.options import StyleAlignedOptions
-from style_aligned.pipeline.generate import ProgressEvent, SetConditioning, SetSpec, generate_set, initial_latents
+from style_aligned.pipeline.conditioning import SetConditioning
+from style_aligned.pipeline.generate import generate_set, initial_latents
+from style_aligned.pipeline.progress import ProgressEvent
 from style_aligned.pipeline.solvers import image_seed
+from style_aligned.pipeline.spec import SetSpec
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,8 @@ from diffusers import DDIMScheduler  # type: ignore[import-untyped]
 from refiners.foundationals.latent_diffusion.solvers import DDIM, DPMSolver, Euler, LCMSolver, Solver
 
 from style_aligned import ReferenceCache
-from style_aligned.pipeline.generate import call_groups, denoise_set, progress_total
+from style_aligned.pipeline.denoise import denoise_set
+from style_aligned.pipeline.plan import SetPlan
 from style_aligned.pipeline.solvers import ExactDDIM, image_generators, image_seed, make_solver
 
 RELATIVE = 1e-5
@@ -65,7 +66,7 @@ def run_set(solver: Solver, latents: torch.Tensor, chunk_size: int | None = None
         **options,
     )  # type: ignore[arg-type]
     assert predictor.calls == [
-        row * (2 if cfg else 1) for row in map(len, call_groups(latents.shape[0], chunk_size))
+        row * (2 if cfg else 1) for row in map(len, SetPlan(latents.shape[0], 1, chunk_size).calls())
     ] * len(solver.inference_steps)
     return x
 
@@ -155,8 +156,8 @@ def test_solver_names_spacings_and_defaults() -> None:
             make_solver(*bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown timestep spacing"):
         make_solver("ddim", 4, spacing="karras")  # type: ignore[arg-type]
-    assert progress_total(num_images=5, steps=4, chunk_size=2) == 4 * 2 + 5 and call_groups(5, 2) == [[0, 1, 2], [3, 4]]
-    assert call_groups(1, None) == [[0]] and call_groups(3, None) == [[0, 1, 2]]
+    assert SetPlan(5, 1, 2).work(steps=4) == 4 * 2 + 5 and SetPlan(5, 1, 2).calls() == [[0, 1, 2], [3, 4]]
+    assert SetPlan(1).calls() == [[0]] and SetPlan(3).calls() == [[0, 1, 2]]
 
 
 def test_a_model_with_an_lcm_guidance_embedding_is_found() -> None:
@@ -165,7 +166,7 @@ def test_a_model_with_an_lcm_guidance_embedding_is_found() -> None:
     from refiners.foundationals.latent_diffusion import SDXLUNet
     from refiners.foundationals.latent_diffusion.stable_diffusion_xl.lcm import SDXLLcmAdapter
 
-    from style_aligned.pipeline.generate import lcm_guidance_embedding
+    from style_aligned.pipeline.model import lcm_guidance_embedding
 
     with torch.device("meta"):
         unet = SDXLUNet(in_channels=4)

@@ -13,9 +13,9 @@ from refiners.foundationals.latent_diffusion import StableDiffusion_1
 
 from style_aligned.cli import main as cli
 from style_aligned.options import StyleAlignedOptions
-from style_aligned.pipeline.generate import ddim
 from style_aligned.pipeline.images import fit_image
 from style_aligned.pipeline.inversion import DDIMInversion, ReferenceTrajectory, encode_image, invert
+from style_aligned.pipeline.solvers import ddim
 from style_aligned.pipeline.transfer import TransferSpec, make_trajectory, transfer_latents, transfer_set
 
 CAPTION = "Man laying in a bed, medieval painting."
