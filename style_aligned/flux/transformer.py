@@ -217,8 +217,16 @@ class SingleStreamBlocks(fl.Chain):
     """The single-stream blocks, in order."""
 
 
-class PooledTextEncoder(fl.Chain):
-    """Linear, SiLU, linear: the pooled CLIP vector to the model's width."""
+class TimestepEmbedding(fl.Chain):
+    """The timestep's sinusoids through two linear layers."""
+
+
+class GuidanceEmbedding(fl.Chain):
+    """The guidance value (times 1000) through sinusoids and two linear layers ([dev] only)."""
+
+
+class PooledTextEmbedding(fl.Chain):
+    """The pooled CLIP vector through linear, SiLU, linear."""
 
 
 class ConditioningEncoder(fl.Passthrough):
@@ -238,29 +246,31 @@ class ConditioningEncoder(fl.Passthrough):
     def __init__(self, config: FluxConfig, device: Device | str | None = None, dtype: DType | None = None) -> None:
         dim = config.inner_dim
         terms: list[fl.Module] = [
-            fl.Chain(
+            TimestepEmbedding(
                 fl.UseContext("diffusion", "timestep"),
                 RangeEncoder(_TIMESTEP_CHANNELS, dim, device=device, dtype=dtype),
             )
         ]
         if config.guidance_embeds:
             terms.append(
-                fl.Chain(
-                    fl.UseContext(FLUX_CONTEXT, "guidance").compose(lambda guidance: guidance * 1000),
+                GuidanceEmbedding(
+                    fl.UseContext(FLUX_CONTEXT, "guidance").compose(_times_1000),
                     RangeEncoder(_TIMESTEP_CHANNELS, dim, device=device, dtype=dtype),
                 )
             )
         terms.append(
-            fl.Chain(
+            PooledTextEmbedding(
                 fl.UseContext(FLUX_CONTEXT, "pooled_text_embedding"),
-                PooledTextEncoder(
-                    fl.Linear(config.pooled_projection_dim, dim, device=device, dtype=dtype),
-                    fl.SiLU(),
-                    fl.Linear(dim, dim, device=device, dtype=dtype),
-                ),
+                fl.Linear(config.pooled_projection_dim, dim, device=device, dtype=dtype),
+                fl.SiLU(),
+                fl.Linear(dim, dim, device=device, dtype=dtype),
             )
         )
         super().__init__(fl.Sum(*terms), fl.SetContext(FLUX_CONTEXT, "conditioning"))
+
+
+def _times_1000(guidance: Tensor) -> Tensor:
+    return guidance * 1000
 
 
 class TextTokens(fl.Chain):
