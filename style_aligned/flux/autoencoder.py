@@ -10,7 +10,9 @@ from dataclasses import dataclass
 import refiners.fluxion.layers as fl
 from refiners.fluxion.context import Contexts
 from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
-from torch import Tensor, device as Device, dtype as DType
+from torch import Tensor
+from torch import device as Device
+from torch import dtype as DType
 
 _EPS = 1e-6
 

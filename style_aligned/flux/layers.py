@@ -13,7 +13,9 @@ from typing import Any, cast
 import refiners.fluxion.layers as fl
 import torch
 from jaxtyping import Float
-from torch import Tensor, device as Device, dtype as DType
+from torch import Tensor
+from torch import device as Device
+from torch import dtype as DType
 from torch.nn import functional as F
 
 FLUX_CONTEXT = "flux"
@@ -53,7 +55,8 @@ class Streams(fl.Chain):
     def __init__(self, *, image: fl.Module, text: fl.Module) -> None:
         super().__init__(ImageStream(image), TextStream(text))
 
-    def forward(self, x: Tensor) -> Any:
+    def forward(self, *args: Any) -> Any:
+        x: Tensor = args[0]
         length = text_length(self)
         image_stream, text_stream = self.layer("ImageStream", ImageStream), self.layer("TextStream", TextStream)
         image = image_stream(x[:, length:])
@@ -169,7 +172,7 @@ class HeadRMSNorm(torch.nn.RMSNorm, fl.WeightedModule):
         self.head_dim = head_dim
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.unflatten(-1, (-1, self.head_dim))).flatten(-2)
+        return super().forward(x.reshape(*x.shape[:-1], -1, self.head_dim)).flatten(-2)
 
 
 def rotary_frequencies(
@@ -233,7 +236,7 @@ def apply_rotary(
 ) -> Float[Tensor, "batch tokens heads*head_dim"]:
     """Turn each pair of adjacent channels of each head by the angle of its token and channel."""
     cosines, sines = frequencies[0][:, None], frequencies[1][:, None]  # tokens 1 head_dim
-    heads = x.unflatten(-1, (-1, frequencies.shape[-1]))  # batch tokens heads head_dim
+    heads = x.reshape(*x.shape[:-1], -1, frequencies.shape[-1])  # batch tokens heads head_dim
     real, imaginary = heads.reshape(*heads.shape[:-1], -1, 2).unbind(-1)
     rotated = torch.stack((-imaginary, real), dim=-1).flatten(-2)
     return (heads.float() * cosines + rotated.float() * sines).to(x.dtype).flatten(-2)

@@ -12,7 +12,9 @@ import math
 import numpy as np
 import torch
 from refiners.foundationals.latent_diffusion.solvers import Solver
-from torch import Generator, Tensor, device as Device, dtype as DType
+from torch import Generator, Tensor
+from torch import device as Device
+from torch import dtype as DType
 
 BASE_IMAGE_SEQ_LEN = 256
 MAX_IMAGE_SEQ_LEN = 4096
@@ -51,7 +53,8 @@ def flow_sigmas(num_inference_steps: int, *, mu: float | None = None, shift: flo
         sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** 1.0)
     else:
         sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
-    return torch.cat((torch.from_numpy(np.asarray(sigmas, dtype=np.float32)), torch.zeros(1)))
+    shifted = torch.from_numpy(np.asarray(sigmas, dtype=np.float32))  # pyright: ignore[reportUnknownMemberType]
+    return torch.cat((shifted, torch.zeros(1)))
 
 
 class FlowMatchEuler(Solver):

@@ -14,7 +14,9 @@ import refiners.fluxion.layers as fl
 from jaxtyping import Float
 from refiners.fluxion.context import Contexts
 from refiners.foundationals.latent_diffusion.range_adapter import RangeEncoder
-from torch import Tensor, device as Device, dtype as DType
+from torch import Tensor
+from torch import device as Device
+from torch import dtype as DType
 
 from style_aligned.flux.config import FLUX_DEV, FluxConfig
 from style_aligned.flux.layers import (
@@ -53,8 +55,12 @@ class QKVProjection(fl.Parallel):
     def __init__(self, config: FluxConfig, device: Device | str | None = None, dtype: DType | None = None) -> None:
         dim, head_dim = config.inner_dim, config.attention_head_dim
         super().__init__(
-            QueryProjection(fl.Linear(dim, dim, device=device, dtype=dtype), HeadRMSNorm(head_dim, device=device, dtype=dtype)),
-            KeyProjection(fl.Linear(dim, dim, device=device, dtype=dtype), HeadRMSNorm(head_dim, device=device, dtype=dtype)),
+            QueryProjection(
+                fl.Linear(dim, dim, device=device, dtype=dtype), HeadRMSNorm(head_dim, device=device, dtype=dtype)
+            ),
+            KeyProjection(
+                fl.Linear(dim, dim, device=device, dtype=dtype), HeadRMSNorm(head_dim, device=device, dtype=dtype)
+            ),
             fl.Linear(dim, dim, device=device, dtype=dtype),
         )
 
@@ -381,11 +387,11 @@ class FluxTransformer(fl.Chain):
             },
         }
 
-    def set_timestep(self, timestep: Float[Tensor, "batch"]) -> None:
+    def set_timestep(self, timestep: Float[Tensor, "*batch"]) -> None:
         """Set the timestep: the noise level times 1000 (1000 is pure noise), one per row or one for all."""
         self.set_context("diffusion", {"timestep": timestep.reshape(-1)})
 
-    def set_guidance(self, guidance: Float[Tensor, "batch"]) -> None:
+    def set_guidance(self, guidance: Float[Tensor, "*batch"]) -> None:
         """Set the guidance value of a [dev] model (3.5 is typical), one per row or one for all.
 
         Raises:

@@ -114,9 +114,10 @@ _BFL_SINGLE = {
     "norm.key_norm.scale": "attn.norm_k.weight",
     "linear2": "proj_out",
 }
-_QKV = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "txt_attn.qkv": tuple(
-    f"attn.add_{name}_proj" for name in "qkv"
-)}
+_QKV = {
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn.qkv": tuple(f"attn.add_{name}_proj" for name in "qkv"),
+}
 
 
 def _renamed(name: str, table: dict[str, str]) -> str | None:
@@ -263,7 +264,9 @@ def infer_flux_config(shapes: Mapping[str, tuple[int, ...]]) -> FluxConfig:
         for key in shapes:
             if match := _BLOCK.match(key):
                 counts[match[1]] = max(counts[match[1]], int(match[2]) + 1)
-        mlp = next(shape[0] for key, shape in shapes.items() if key.endswith(("ff.net.0.proj.weight", "proj_mlp.weight")))
+        mlp = next(
+            shape[0] for key, shape in shapes.items() if key.endswith(("ff.net.0.proj.weight", "proj_mlp.weight"))
+        )
         axes = (head_dim // 8, head_dim * 7 // 16, head_dim * 7 // 16)
         return FluxConfig(
             num_layers=counts["transformer_blocks"],

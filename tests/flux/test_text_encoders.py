@@ -48,7 +48,9 @@ def test_t5_wrapper_encodes_as_flux_pipeline(max_sequence_length: int) -> None:
     torch.manual_seed(0)
     config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
     model, tokenizer = T5EncoderModel(config).eval(), word_tokenizer()
-    pipeline = types.SimpleNamespace(tokenizer_2=tokenizer, text_encoder_2=model, text_encoder=model, tokenizer_max_length=77)
+    pipeline = types.SimpleNamespace(
+        tokenizer_2=tokenizer, text_encoder_2=model, text_encoder=model, tokenizer_max_length=77
+    )
     expected = FluxPipeline._get_t5_prompt_embeds(
         pipeline, PROMPTS, max_sequence_length=max_sequence_length, device=torch.device("cpu")
     )
@@ -59,7 +61,9 @@ def test_t5_wrapper_encodes_as_flux_pipeline(max_sequence_length: int) -> None:
 
 def test_t5_without_transformers_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     def missing(module: str, *, extra: str, feature: str) -> None:
-        raise MissingExtraError(f"{feature} needs {module}, which is not installed: pip install 'style-aligned[{extra}]'")
+        raise MissingExtraError(
+            f"{feature} needs {module}, which is not installed: pip install 'style-aligned[{extra}]'"
+        )
 
     monkeypatch.setattr(text_encoders, "require", missing)
     with pytest.raises(MissingExtraError, match=r"style-aligned\[flux\]"):

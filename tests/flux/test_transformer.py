@@ -3,8 +3,8 @@
 import time
 from typing import Any
 
-import refiners.fluxion.layers as fl
 import pytest
+import refiners.fluxion.layers as fl
 import torch
 
 from style_aligned.flux import FLUX_SCHNELL, FluxTransformer
