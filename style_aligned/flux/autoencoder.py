@@ -75,7 +75,7 @@ class Resnet(fl.Sum):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, groups: int, device: Device | str | None, dtype: DType | None
+        self, in_channels: int, out_channels: int, groups: int, *, device: Device | str | None, dtype: DType | None
     ) -> None:
         self.in_channels, self.out_channels = in_channels, out_channels
         shortcut = (
@@ -105,9 +105,9 @@ def _attention(channels: int, groups: int, device: Device | str | None, dtype: D
 
 def _middle(channels: int, groups: int, device: Device | str | None, dtype: DType | None) -> fl.Chain:
     return fl.Chain(
-        Resnet(channels, channels, groups, device, dtype),
+        Resnet(channels, channels, groups, device=device, dtype=dtype),
         _attention(channels, groups, device, dtype),
-        Resnet(channels, channels, groups, device, dtype),
+        Resnet(channels, channels, groups, device=device, dtype=dtype),
     )
 
 
@@ -136,7 +136,7 @@ class Encoder(fl.Chain):
         for index, out_channels in enumerate(channels):
             in_channels = channels[max(index - 1, 0)]
             block = fl.Chain(
-                Resnet(in_channels if layer == 0 else out_channels, out_channels, groups, device, dtype)
+                Resnet(in_channels if layer == 0 else out_channels, out_channels, groups, device=device, dtype=dtype)
                 for layer in range(config.layers_per_block)
             )
             if index < len(channels) - 1:
@@ -173,7 +173,7 @@ class Decoder(fl.Chain):
         for index, out_channels in enumerate(channels):
             in_channels = channels[max(index - 1, 0)]
             block = fl.Chain(
-                Resnet(in_channels if layer == 0 else out_channels, out_channels, groups, device, dtype)
+                Resnet(in_channels if layer == 0 else out_channels, out_channels, groups, device=device, dtype=dtype)
                 for layer in range(config.layers_per_block + 1)
             )
             if index < len(channels) - 1:

@@ -107,7 +107,7 @@ class Modulation(fl.Passthrough):
         )
 
 
-def modulation_chunk(module: fl.ContextModule, key: str, chunks: int, index: int) -> Float[Tensor, "batch 1 dim"]:
+def modulation_chunk(module: fl.ContextModule, key: str, *, chunks: int, index: int) -> Float[Tensor, "batch 1 dim"]:
     """One vector of a block's modulation, ready to broadcast over tokens."""
     modulation = cast(Tensor | None, module.use_context(FLUX_CONTEXT).get(key))
     if modulation is None:
@@ -130,8 +130,8 @@ class ModulatedLayerNorm(fl.ContextModule):
         self.key, self.chunks, self.shift, self.scale, self.eps = key, chunks, shift, scale, eps
 
     def forward(self, x: Tensor) -> Tensor:
-        shift = modulation_chunk(self, self.key, self.chunks, self.shift)
-        scale = modulation_chunk(self, self.key, self.chunks, self.scale)
+        shift = modulation_chunk(self, self.key, chunks=self.chunks, index=self.shift)
+        scale = modulation_chunk(self, self.key, chunks=self.chunks, index=self.scale)
         return F.layer_norm(x, (x.shape[-1],), eps=self.eps) * (1 + scale) + shift
 
 
@@ -150,7 +150,7 @@ class Gate(fl.ContextModule):
         self.key, self.chunks, self.index = key, chunks, index
 
     def forward(self, x: Tensor) -> Tensor:
-        return modulation_chunk(self, self.key, self.chunks, self.index) * x
+        return modulation_chunk(self, self.key, chunks=self.chunks, index=self.index) * x
 
 
 class HeadRMSNorm(torch.nn.RMSNorm, fl.WeightedModule):
@@ -164,7 +164,7 @@ class HeadRMSNorm(torch.nn.RMSNorm, fl.WeightedModule):
     """
 
     def __init__(
-        self, head_dim: int, eps: float = 1e-6, device: Device | str | None = None, dtype: DType | None = None
+        self, head_dim: int, eps: float = 1e-6, *, device: Device | str | None = None, dtype: DType | None = None
     ) -> None:
         super().__init__(  # pyright: ignore[reportUnknownMemberType]
             normalized_shape=head_dim, eps=eps, elementwise_affine=True, device=device, dtype=dtype

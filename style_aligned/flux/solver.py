@@ -24,6 +24,7 @@ MAX_SHIFT = 1.15
 
 def calculate_shift(
     image_seq_len: int,
+    *,
     base_seq_len: int = BASE_IMAGE_SEQ_LEN,
     max_seq_len: int = MAX_IMAGE_SEQ_LEN,
     base_shift: float = BASE_SHIFT,

@@ -191,14 +191,19 @@ class TensorSource:
     """
 
     def __init__(
-        self, shapes: dict[str, tuple[int, ...]], read: Callable[[str], Tensor], origin: str, close: Callable[[], None]
+        self,
+        shapes: dict[str, tuple[int, ...]],
+        read: Callable[[str], Tensor],
+        origin: str,
+        *,
+        close: Callable[[], None],
     ) -> None:
         self.shapes, self.read, self.origin, self._close = shapes, read, origin, close
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Tensor], origin: str = "the state dict") -> "TensorSource":
         """Tensors of a diffusers-layout state dict (shared, not copied)."""
-        return cls({k: tuple(v.shape) for k, v in state.items()}, state.__getitem__, origin, lambda: None)
+        return cls({k: tuple(v.shape) for k, v in state.items()}, state.__getitem__, origin, close=lambda: None)
 
     @classmethod
     def from_files(cls, paths: list[Path]) -> "TensorSource":
@@ -213,7 +218,7 @@ class TensorSource:
             origin = ", ".join(str(path) for path in paths)
             if not any(key.startswith(("double_blocks.", "single_blocks.", BFL_PREFIX)) for key in located):
                 shapes = {key: reader.tensors[key].shape for key, (reader, _) in located.items()}
-                return cls(shapes, lambda key: located[key][0].read(key), origin, lambda: _close_all(readers))
+                return cls(shapes, lambda key: located[key][0].read(key), origin, close=lambda: _close_all(readers))
             if any(key.startswith(BFL_PREFIX) for key in located):  # a full checkpoint: keep the transformer's keys
                 located = {k.removeprefix(BFL_PREFIX): v for k, v in located.items() if k.startswith(BFL_PREFIX)}
             origins = bfl_origins({key: reader.tensors[name].shape for key, (reader, name) in located.items()})
@@ -223,7 +228,7 @@ class TensorSource:
                 return origins[key].apply(reader.read(name))
 
             shapes = {key: _origin_shape(origin_, located) for key, origin_ in origins.items()}
-            return cls(shapes, read, origin, lambda: _close_all(readers))
+            return cls(shapes, read, origin, close=lambda: _close_all(readers))
         except BaseException:
             _close_all(readers)
             raise
