@@ -12,7 +12,7 @@ import torch
 from tests.helpers import diffusers_models as dm
 from tests.helpers import models
 
-FULL_SIZE_FIXTURES = frozenset({"sd1_source", "sd1_converted", "sd1_pipeline"})
+FULL_SIZE_FIXTURES = frozenset({"sd1_source", "sd1_converted", "sd1_pipeline", "flux_reduced"})
 """The session fixtures that build full-size random models: every test that uses one is `slow`."""
 
 
@@ -96,3 +96,23 @@ def sd1_pipeline(sd1_converted: Path) -> Any:
     model = models.held("sd1-converted", lambda: load_pipeline(sd1_converted))  # drops any other held model
     assert isinstance(model, StableDiffusion_1)
     return model
+
+
+@pytest.fixture(scope="session")
+def flux_reduced() -> Iterator[dict[str, Any]]:
+    """FLUX.1 [dev] at full width with 2 double and 4 single blocks: the diffusers model's output on random inputs, and
+    the Refiners model loaded from its state dict (sharing its tensors: one copy of 5.2 GB)."""
+    from tests.helpers import flux
+
+    models.release()
+    source = flux.diffusers_transformer(flux.REDUCED)
+    inputs = flux.transformer_inputs(flux.REDUCED, batch_size=2, size=16, text_tokens=16)
+    expected = flux.run_diffusers(source, inputs)
+    from style_aligned.weights.flux import load_flux_transformer
+
+    model = load_flux_transformer(source.state_dict(), config=flux.REDUCED)
+    del source
+    gc.collect()
+    yield {"model": model, "inputs": inputs, "expected": expected}
+    del model
+    gc.collect()

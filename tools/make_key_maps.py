@@ -23,6 +23,10 @@ from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusion
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl.text_encoder import DoubleTextEncoder
 from torch import nn
 
+from style_aligned.flux.autoencoder import FLUX_AUTOENCODER, FluxAutoencoder
+from style_aligned.flux.config import FLUX_DEV
+from style_aligned.flux.latents import image_ids, text_ids
+from style_aligned.flux.transformer import FluxTransformer
 from style_aligned.weights.architectures import ARCHITECTURES
 from style_aligned.weights.controlnet_xl import SDXLControlnetAdapter
 from style_aligned.weights.convert import canonical_key
@@ -183,6 +187,54 @@ def controlnet_map(kind: str) -> tuple[dict[str, str], nn.Module]:
     return expand(module_map, source, target), target
 
 
+def flux_transformer_map() -> tuple[dict[str, str], nn.Module]:
+    """FLUX.1 [dev] (19 double-stream and 38 single-stream blocks, guidance embeds): the map of every FLUX.1 depth."""
+    from diffusers import FluxTransformer2DModel  # type: ignore[import-untyped]
+
+    with META:
+        source = FluxTransformer2DModel(**FLUX_DEV.to_diffusers())
+        target = FluxTransformer(FLUX_DEV)
+    x = torch.randn(1, 16, 64, device=META)
+    inputs = {
+        "encoder_hidden_states": torch.randn(1, 8, 4096, device=META),
+        "pooled_projections": torch.randn(1, 768, device=META),
+        "timestep": torch.ones(1, device=META),
+        "guidance": torch.ones(1, device=META),
+        "img_ids": image_ids(8, 8, device=META),
+        "txt_ids": text_ids(8, device=META),
+    }
+    target.set_timestep(timestep=inputs["timestep"])
+    target.set_guidance(guidance=inputs["guidance"])
+    target.set_text_embedding(text_embedding=inputs["encoder_hidden_states"])
+    target.set_pooled_text_embedding(pooled_text_embedding=inputs["pooled_projections"])
+    target.set_image_ids(image_ids=inputs["img_ids"])
+    target.set_text_ids(text_ids=inputs["txt_ids"])
+    weightless = [
+        name for name, m in source.named_modules() if isinstance(m, nn.LayerNorm) and not m.elementwise_affine
+    ]
+    converter = ModelConverter(
+        source_model=source,
+        target_model=target,
+        source_keys_to_skip=weightless,
+        custom_layer_mapping={nn.RMSNorm: nn.RMSNorm},
+        skip_output_check=True,
+        verbose=False,
+    )
+    module_map = converter.map_state_dicts(source_args={"positional": (x,), "keyword": inputs}, target_args=(x,))
+    assert module_map is not None, "could not align the FLUX.1 transformers"
+    return expand(module_map, source, target), target
+
+
+def flux_autoencoder_map() -> tuple[dict[str, str], nn.Module]:
+    from diffusers import AutoencoderKL  # type: ignore[import-untyped]
+
+    with META:
+        source = AutoencoderKL(**FLUX_AUTOENCODER.to_diffusers())
+        target = FluxAutoencoder(FLUX_AUTOENCODER)
+    x = torch.randn(1, 3, 64, 64, device=META)
+    return trace(source, target, (x,), (x,)), target
+
+
 def all_maps() -> dict[str, dict[str, Any]]:
     builders: dict[str, Callable[[], tuple[dict[str, str], nn.Module]]] = {
         "sdxl_unet": lambda: unet_map("sdxl_unet"),
@@ -190,6 +242,8 @@ def all_maps() -> dict[str, dict[str, Any]]:
         "autoencoder": autoencoder_map,
         "sd1_controlnet": lambda: controlnet_map("sd1"),
         "sdxl_controlnet": lambda: controlnet_map("sdxl"),
+        "flux_transformer": flux_transformer_map,
+        "flux_autoencoder": flux_autoencoder_map,
     }
     results = {name: build() for name, build in builders.items()} | text_encoder_maps()
     maps: dict[str, dict[str, Any]] = {}
