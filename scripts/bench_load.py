@@ -1,36 +1,59 @@
-"""Load speed against diffusers: from a random-weight SD1 diffusers folder to the first U-Net step and a decoded image.
+"""Load speed against diffusers: a user's first set, from a random-weight SD1 diffusers folder.
 
-One process saves a random-weight, full-size SD1 pipeline in the diffusers layout (4.3 GB, fp32). Then, each in a
-fresh process whose imports are done before the clock starts, and alternately so both see the same page cache:
+One process saves a random-weight, full-size SD1 pipeline in the diffusers layout (4.3 GB, fp32), complete enough for
+`StableDiffusionPipeline.from_pretrained` (tokenizer and DDIM scheduler included, no safety checker). Then, each in a
+fresh process, alternately so that all see the same page cache, the same first set of one 64x64 px image:
 
-- diffusers: `from_pretrained` of the U-Net, the text encoder and the VAE, the text encoded, one U-Net call with
-  classifier-free guidance, and one image decoded;
-- style-aligned: `load_pipeline` on the same folder (converted on the fly), and the same three calls; then
-  `load_pipeline` on the folder converted once by `convert` (the same three calls).
+- diffusers: `StableDiffusionPipeline.from_pretrained`, then the pipeline called with one DDIM step and guidance 7.5
+  (the prompt and the empty negative prompt encoded, one U-Net call with classifier-free guidance, one image decoded);
+- style-aligned: `load_pipeline` on the same folder (converted on the fly), then `generate_set` with one DDIM step
+  (the same three stages); then the same on the folder converted once by `convert`.
 
-    python scripts/bench_load.py [--workdir DIR] [--rounds 3]
+With `--before TREE`, the style-aligned runs are repeated with the package imported from another source tree (e.g. a
+worktree of an earlier commit), in the same rounds. With `--accelerate DIR` (a folder made by `pip install --target DIR
+accelerate psutil pyyaml`), the diffusers run is repeated with accelerate importable, which makes `from_pretrained`
+build its models on the meta device and assign the weights (without it, it builds them on the CPU with its
+initialisers patched out and copies the weights in). Imports are timed apart and not counted in the ratios.
+
+    python scripts/bench_load.py [--workdir DIR] [--rounds 3] [--before TREE] [--accelerate DIR]
 
 Needs diffusers and transformers (the `test` extra) and about 9 GB of free disk.
 """
 
 import argparse
+import gzip
 import json
+import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-LATENT = 8  # latent side: 64x64 px, so that the load, not the compute, dominates
+SIZE = 64  # pixels: 8x8 latents, so that loading, not computing, dominates
 PROMPT = "a toy train. macro photo. 3d game asset"
+GUIDANCE = 7.5
+
+
+def _clip_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's BPE vocabulary and merges, from the file Refiners ships (the construction of OpenAI's CLIP tokenizer)."""
+    from refiners.foundationals.clip import tokenizer
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [byte for byte in range(256) if byte not in printable]
+    characters = [chr(c) for c in printable] + [chr(256 + n) for n in range(len(others))]
+    text = gzip.open(Path(tokenizer.__file__).parent / "bpe_simple_vocab_16e6.txt.gz").read().decode()
+    merges = [(a, b) for a, b in (line.split() for line in text.split("\n")[1 : 49152 - 256 - 2 + 1])]
+    tokens = [*characters, *(c + "</w>" for c in characters), *(a + b for a, b in merges)]
+    return {token: index for index, token in enumerate([*tokens, "<|startoftext|>", "<|endoftext|>"])}, merges
 
 
 def save_pipeline(folder: Path) -> None:
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel  # type: ignore[import-untyped]
-    from transformers import CLIPTextConfig, CLIPTextModel  # type: ignore[import-untyped]
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # type: ignore[import-untyped]
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # type: ignore[import-untyped]
 
     from style_aligned.weights.architectures import ARCHITECTURES
     from style_aligned.weights.random_weights import fill_random_
@@ -51,64 +74,129 @@ def save_pipeline(folder: Path) -> None:
                 buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
         model.save_pretrained(folder / name, safe_serialization=True)
         del model
+    vocabulary, merges = _clip_vocabulary()
+    CLIPTokenizer(vocab=vocabulary, merges=merges, model_max_length=77).save_pretrained(folder / "tokenizer")
+    scheduler = DDIMScheduler(  # SD1's own settings
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    scheduler.save_pretrained(folder / "scheduler")
     index = {
         "_class_name": "StableDiffusionPipeline",
         "unet": ["diffusers", "UNet2DConditionModel"],
         "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
         "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
     }
     (folder / "model_index.json").write_text(json.dumps(index))
 
 
 def run_diffusers(folder: Path) -> dict[str, float]:
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel  # type: ignore[import-untyped]
-    from refiners.foundationals.clip.tokenizer import CLIPTokenizer
-    from transformers import CLIPTextModel  # type: ignore[import-untyped]
-
-    tokens = CLIPTokenizer()(["", PROMPT])  # the same token ids for both
-    torch.set_grad_enabled(False)
     start = time.perf_counter()
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
-    vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+    import torch
+    from diffusers import StableDiffusionPipeline  # type: ignore[import-untyped]
+
+    imported = time.perf_counter()
+    pipeline: Any = StableDiffusionPipeline.from_pretrained(folder)
     loaded = time.perf_counter()
-    embedding = text_encoder(tokens).last_hidden_state
-    x = torch.randn(1, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(0))
-    noise = unet(torch.cat([x, x]), torch.tensor([999]), embedding).sample
-    uncond, cond = noise.chunk(2)
-    x = x - 0.1 * (uncond + 7.5 * (cond - uncond))  # a step's worth of arithmetic; the U-Net call is the cost
-    image = vae.decode(x / 0.18215).sample
-    assert image.shape[-1] == 8 * LATENT
-    return {"load": loaded - start, "total": time.perf_counter() - start}
+    output = pipeline(
+        PROMPT,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=1,
+        guidance_scale=GUIDANCE,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert output.images[0].width == SIZE
+    return {"imports": imported - start, "load": loaded - imported, "total": time.perf_counter() - imported}
 
 
 def run_style_aligned(source: Path) -> dict[str, float]:
-    import torch
-
+    start = time.perf_counter()
+    from style_aligned.pipeline.generate import SetSpec, generate_set
     from style_aligned.weights.loading import load_pipeline
 
-    torch.set_grad_enabled(False)
-    start = time.perf_counter()
+    imported = time.perf_counter()
     sd = load_pipeline(source)
     loaded = time.perf_counter()
-    embedding = sd.compute_clip_text_embedding(PROMPT)
-    x = torch.randn(1, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(0))
-    x = sd(x, step=0, clip_text_embedding=embedding)
-    image = sd.lda.latents_to_images(x)[0]
-    assert image.width == 8 * LATENT
-    return {"load": loaded - start, "total": time.perf_counter() - start}
+    generated = generate_set(sd, SetSpec(prompts=[PROMPT], steps=1, guidance=GUIDANCE, width=SIZE))
+    assert generated.images[0].width == SIZE
+    return {"imports": imported - start, "load": loaded - imported, "total": time.perf_counter() - imported}
 
 
-def child(*args: str) -> dict[str, float]:
-    result = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True)
+def child(stage: str, path: Path, tree: Path | None = None) -> dict[str, float]:
+    """Run a stage in a fresh process, the package imported from `tree` if given; its timings."""
+    env = dict(os.environ)
+    if tree is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(tree), *filter(None, [env.get("PYTHONPATH")])])
+    command = [sys.executable, __file__, "--stage", stage, str(path)]
+    result = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def measure(
+    folder: Path, converted: Path, rounds: int, *, before: Path | None, accelerate: Path | None
+) -> dict[str, list[dict[str, float]]]:
+    """Every variant once per round, alternately; for each variant its timings in each round."""
+    variants: dict[str, tuple[str, Path, Path | None]] = {"diffusers": ("diffusers", folder, None)}
+    if accelerate is not None:
+        variants["diffusers, accelerate"] = ("diffusers", folder, accelerate)
+    if before is not None:
+        variants["folder, before"] = ("style-aligned", folder, before)
+    variants["folder"] = ("style-aligned", folder, None)
+    if before is not None:
+        variants["converted, before"] = ("style-aligned", converted, before)
+    variants["converted"] = ("style-aligned", converted, None)
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, (stage, path, tree) in variants.items():
+            runs[name].append(child(stage, path, tree))
+    return runs
+
+
+LABELS = {
+    "diffusers": "diffusers `StableDiffusionPipeline.from_pretrained`",
+    "diffusers, accelerate": "diffusers `StableDiffusionPipeline.from_pretrained`, with accelerate",
+    "folder, before": "style-aligned `load_pipeline`, diffusers folder (before)",
+    "folder": "style-aligned `load_pipeline`, diffusers folder",
+    "converted, before": "style-aligned `load_pipeline`, converted folder (before)",
+    "converted": "style-aligned `load_pipeline`, converted folder",
+}
+
+
+def report(runs: dict[str, list[dict[str, float]]]) -> None:
+    """Print the best round of each variant (the one with the shortest load + first set) and its ratios."""
+    best = {name: min(timings, key=lambda timing: timing["total"]) for name, timings in runs.items()}
+    baselines = {"diffusers": "ratio to diffusers", "diffusers, accelerate": "ratio to diffusers with accelerate"}
+    baselines = {name: header for name, header in baselines.items() if name in best}
+    print(f"random SD1 diffusers folder, {SIZE}x{SIZE} px, 1 step, best of {len(runs['diffusers'])} fresh processes:")
+    print(
+        "| loader | imports (not counted) | load | load + text encoding + step + decode | "
+        + " | ".join(baselines.values())
+        + " |"
+    )
+    print("|---|---|---|---|" + "---|" * len(baselines))
+    for name, timing in best.items():
+        times = f"{timing['imports']:.2f} s | {timing['load']:.2f} s | {timing['total']:.2f} s"
+        ratios = " | ".join(f"{timing['total'] / best[baseline]['total']:.2f}" for baseline in baselines)
+        print(f"| {LABELS[name]} | {times} | {ratios} |")
+    print(json.dumps(runs))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=None, help="where to write the 2 x 4.3 GB of files")
-    parser.add_argument("--rounds", type=int, default=3, help="runs of each (default: 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="fresh processes of each variant (default: 3)")
+    parser.add_argument("--before", type=Path, default=None, help="a source tree of style-aligned to compare with")
+    parser.add_argument("--accelerate", type=Path, default=None, help="a folder holding accelerate, for diffusers")
     parser.add_argument("--stage", choices=["save", "diffusers", "style-aligned"], help=argparse.SUPPRESS)
     parser.add_argument("path", nargs="?", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -125,29 +213,10 @@ def main() -> None:
         folder, converted = workdir / "sd1", workdir / "converted"
         subprocess.run([sys.executable, __file__, "--stage", "save", str(folder)], check=True)
         convert(folder, converted)
-        runs: dict[str, list[dict[str, float]]] = {"diffusers": [], "folder": [], "converted": []}
-        for _ in range(args.rounds):
-            runs["diffusers"].append(child("--stage", "diffusers", str(folder)))
-            runs["folder"].append(child("--stage", "style-aligned", str(folder)))
-            runs["converted"].append(child("--stage", "style-aligned", str(converted)))
+        runs = measure(folder, converted, args.rounds, before=args.before, accelerate=args.accelerate)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-
-    def median(name: str, field: str) -> float:
-        return statistics.median(run[field] for run in runs[name])
-
-    baseline = median("diffusers", "total")
-    print(f"random SD1 diffusers folder, {args.rounds} rounds, medians (imports not counted):")
-    print("| loader | load | load + first U-Net step + decode | ratio to diffusers |")
-    print("|---|---|---|---|")
-    labels = {
-        "diffusers": "diffusers `from_pretrained` (U-Net, text encoder, VAE)",
-        "folder": "style-aligned `load_pipeline`, diffusers folder",
-        "converted": "style-aligned `load_pipeline`, converted folder",
-    }
-    for name, label in labels.items():
-        total = median(name, "total")
-        print(f"| {label} | {median(name, 'load'):.2f} s | {total:.2f} s | {total / baseline:.2f} |")
+    report(runs)
 
 
 if __name__ == "__main__":

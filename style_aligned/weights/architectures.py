@@ -25,7 +25,7 @@ class Architecture:
         configs: For each source folder, the diffusers or transformers constructor arguments of the source model.
         checked: The configuration fields compared with a source folder's `config.json` before converting.
         key_map: The name of the key map (in `style_aligned/key_maps/`) from source keys to Refiners keys.
-        build: Builds the Refiners model (call it under `torch.device("meta")` to allocate nothing).
+        build: Builds the Refiners model (call it under `empty.empty_init` to allocate and initialise nothing).
         filename: The name of its file in a converted folder.
     """
 

@@ -1,7 +1,6 @@
 """A ControlNet for SDXL, in Refiners' style (Refiners 0.4.0 ships one for SD1 only)."""
 
 import refiners.fluxion.layers as fl
-import torch
 from jaxtyping import Float
 from refiners.fluxion.adapters.adapter import Adapter
 from refiners.fluxion.context import Contexts
@@ -13,6 +12,8 @@ from refiners.foundationals.latent_diffusion.unet import ResidualBlock
 from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
+
+from style_aligned.weights.empty import build_empty
 
 
 class SDXLControlnet(fl.Passthrough):
@@ -119,8 +120,7 @@ class SDXLControlnetAdapter(fl.Chain, Adapter[SDXLUNet]):
         if weights is None:
             controlnet = SDXLControlnet(name=name, scale=scale, device=target.device, dtype=target.dtype)
         else:
-            with torch.device("meta"):
-                controlnet = SDXLControlnet(name=name, scale=scale)
+            controlnet = build_empty(lambda: SDXLControlnet(name=name, scale=scale))
             controlnet.load_state_dict(weights, assign=True)
         self._controlnet = [controlnet]  # a list: not a registered module
         with self.setup_adapter(target):

@@ -1,7 +1,8 @@
 """Build ready Refiners models from converted files, or straight from a diffusers folder.
 
-Models are built on the meta device and receive their tensors by assignment, one tensor read at a time: loading
-holds one copy of the weights, on the chosen device and dtype. They are loaded for inference: in eval mode, with
+Models are built empty (on the meta device, without initialisation, see `empty`) and receive their tensors by
+assignment, one tensor read at a time through a memory map: loading holds one copy of the weights, on the chosen
+device and dtype. They are loaded for inference: in eval mode, with
 gradients off (call `requires_grad_(True)` on a model to train it).
 """
 
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from style_aligned.weights.architectures import ARCHITECTURES, PIPELINES, Architecture
 from style_aligned.weights.convert import convert, open_sources
+from style_aligned.weights.empty import build_empty
 from style_aligned.weights.hub import resolve_file, resolve_model
 from style_aligned.weights.original_layout import is_single_file
 from style_aligned.weights.safetensors_io import SafetensorsReader, WeightsError
@@ -32,8 +34,7 @@ def _build(
     dtype: torch.dtype,
     origin: str,
 ) -> fl.Chain:
-    with torch.device("meta"):
-        model = architecture.build()
+    model = build_empty(architecture.build)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(keys))
     unexpected = sorted(set(keys) - set(expected))

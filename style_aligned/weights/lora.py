@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import refiners.fluxion.layers as fl
-import torch
 from refiners.fluxion.adapters.adapter import Adapter
 from refiners.fluxion.adapters.lora import Conv2dLora, LinearLora, Lora, LoraAdapter
 from refiners.fluxion.layers.chain import generate_unique_names
@@ -23,6 +22,7 @@ from torch import Tensor
 
 from style_aligned.options import model_kind
 from style_aligned.weights.architectures import ARCHITECTURES, PIPELINES, Architecture
+from style_aligned.weights.empty import build_empty
 from style_aligned.weights.key_maps import load_key_map
 from style_aligned.weights.safetensors_io import WeightsError, read_tensors
 
@@ -183,8 +183,7 @@ def _module_names(pipeline: str, component: str) -> dict[str, str]:
 @cache
 def _structural_adapter_types(architecture_name: str) -> frozenset[type]:
     """Adapter types that are part of a model as built (e.g. `RangeAdapter2d`), unlike adapters injected later."""
-    with torch.device("meta"):
-        model = ARCHITECTURES[architecture_name].build()
+    model = build_empty(ARCHITECTURES[architecture_name].build)
     return frozenset(type(m) for m in model.modules() if isinstance(m, Adapter))
 
 
