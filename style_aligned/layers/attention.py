@@ -67,8 +67,8 @@ class SharedScaledDotProductAttention(fl.Module):
     logits) is computed as two attentions merged exactly: the output `O_own` over its own tokens with log-sum-exp
     `L_own`, and `O_ref` over the reference's tokens with `L_ref`; then `O = O_own + sigmoid(L_ref + b - L_own)
     (O_ref - O_own)`. No float mask is passed and no keys or values are concatenated. The targets of a half are given
-    the same reference tokens (`GetReferences`), so they attend to one copy of the reference's keys and values as
-    one long query sequence.
+    the same reference tokens (`GetReferences`), so each target attends to one copy of the reference's keys and
+    values, and only one target's attention over them is held at a time, beside the output.
 
     A reference image's appended tokens duplicate its own, which leaves its output unchanged for any scale and
     shift: its output is the attention over its own tokens, and the reference tokens it is given are not read. When
@@ -169,24 +169,21 @@ class SharedScaledDotProductAttention(fl.Module):
     def _merge_reference(
         self, own: Tensor, own_lse: Tensor, query: Tensor, shared: References, *, scale: float
     ) -> None:
-        """Merge into `own` (in place) the targets' attention over their reference tokens.
+        """Merge into `own` (in place) the targets' attention over their reference tokens, one target at a time.
 
         `own`: `(halves, targets, heads, num_queries, head_dim)`, `own_lse`: `(halves, targets, heads, num_queries)`,
         `query`: `(halves, targets, num_queries, embedding_dim)`; `shared`: the reference keys and values,
-        `(halves, num_tokens, embedding_dim)` each.
+        `(halves, num_tokens, embedding_dim)` each, read by every target without a copy. Only one target's attention
+        over the reference is held at a time.
         """
-        halves, targets, heads, num_queries, _ = own.shape
-        # the targets of each half as one query sequence over the reference's tokens
-        reference, reference_lse = attention_with_lse(
-            self._heads(query.reshape(halves, targets * num_queries, -1)),
-            self._heads(shared[0]),
-            self._heads(shared[1]),
-            scale=scale,
-        )  # (halves, heads, targets * num_queries, head_dim), (halves, heads, targets * num_queries)
-        reference = reference.view(halves, heads, targets, num_queries, -1).transpose(1, 2)  # like `own`
-        reference_lse = reference_lse.view(halves, heads, targets, num_queries).transpose(1, 2)
-        weight = reference_lse.add_(self.shift).sub_(own_lse).sigmoid_().to(own.dtype)
-        own.lerp_(reference, weight[..., None])  # in place: own + weight * (reference - own)
+        keys, values = self._heads(shared[0]), self._heads(shared[1])  # (halves, heads, num_tokens, head_dim)
+        for target in range(own.shape[1]):
+            reference, reference_lse = attention_with_lse(
+                self._heads(query[:, target]), keys, values, scale=scale
+            )  # (halves, heads, num_queries, head_dim), (halves, heads, num_queries)
+            weight = reference_lse.add_(self.shift).sub_(own_lse[:, target]).sigmoid_().to(own.dtype)
+            own[:, target].lerp_(reference, weight[..., None])  # in place: own + weight * (reference - own)
+            del reference, reference_lse, weight  # freed before the next target's attention is allocated
 
 
 class JointScaledDotProductAttention(fl.ScaledDotProductAttention):
