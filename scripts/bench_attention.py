@@ -22,38 +22,14 @@ import refiners.fluxion.layers as fl
 import torch
 from diffusers.models.attention_processor import Attention  # type: ignore[import-untyped]
 from measure import Measure, gib, measure  # the scripts' folder is on the path when a script runs
-from refiners.fluxion.adapters.adapter import Adapter
+from previous_kernel import ConcatenatingAdapter  # this project's earlier kernel, beside this script
 from refiners.foundationals.latent_diffusion.style_aligned import SharedSelfAttentionAdapter
 from torch import Tensor
 from torch.nn.functional import scaled_dot_product_attention
 
-from style_aligned import (
-    AdaIN,
-    AppendReferences,
-    ReferenceCache,
-    SharedAttentionAdapter,
-    ShiftedScaledDotProductAttention,
-    SplitHalves,
-    StyleAlignedOptions,
-)
+from style_aligned import ReferenceCache, SharedAttentionAdapter, StyleAlignedOptions
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class ConcatenatingAdapter(fl.Chain, Adapter[fl.ScaledDotProductAttention]):
-    """This project's previous kernel: each image's keys and values with its reference's appended, one attention."""
-
-    def __init__(self, target: fl.ScaledDotProductAttention, shift: float) -> None:
-        cache = ReferenceCache()
-        with self.setup_adapter(target):
-            super().__init__(
-                fl.Distribute(SplitHalves(True, cache), SplitHalves(True, cache), SplitHalves(True, cache)),
-                fl.Distribute(AdaIN(reference_cache=cache), AdaIN(reference_cache=cache), fl.Identity()),
-                fl.Distribute(
-                    fl.Identity(), AppendReferences(1.0, reference_cache=cache), AppendReferences(reference_cache=cache)
-                ),
-                ShiftedScaledDotProductAttention(target.num_heads, shift, reference_cache=cache),
-            )
 
 
 def reference_rows(x: Tensor) -> Tensor:

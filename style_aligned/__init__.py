@@ -2,7 +2,7 @@
 
 The package, by layer of the architecture:
 
-- `layers`: the method as Fluxion modules (references, AdaIN, shifted attention, the reference cache);
+- `layers`: the method as Fluxion modules (references, AdaIN, the shared attention kernels, the reference cache);
 - `adapters`: `StyleAlignedAdapter` and the per-layer adapters it injects, and the choice of layers;
 - `options`: `StyleAlignedOptions`, every option of the method with its defaults and checks;
 - `weights`: reading, converting and loading model weights, LoRAs and the SDXL ControlNet;
@@ -22,15 +22,12 @@ from style_aligned.layers.adain import AdaIN
 from style_aligned.layers.attention import (
     JointScaledDotProductAttention,
     SharedScaledDotProductAttention,
-    ShiftedScaledDotProductAttention,
 )
 from style_aligned.layers.reference_attention import ReferenceAttention
 from style_aligned.layers.reference_cache import ReferenceCache
 from style_aligned.layers.references import (
-    AppendReferences,
     CheckBatchLayout,
     GetReferences,
-    ReferenceRows,
     ScaleReferences,
     SplitHalves,
 )
@@ -43,7 +40,6 @@ from style_aligned.weights.loading import load_pipeline
 
 __all__ = [
     "AdaIN",
-    "AppendReferences",
     "GeneratedSet",
     "ReferenceTrajectory",
     "SetSpec",
@@ -57,14 +53,12 @@ __all__ = [
     "JointScaledDotProductAttention",
     "ReferenceAttention",
     "ReferenceCache",
-    "ReferenceRows",
     "ScaleReferences",
     "SelfAttentionLayer",
     "SharedAttentionAdapter",
     "SplitHalves",
     "SharedGroupNormAdapter",
     "SharedScaledDotProductAttention",
-    "ShiftedScaledDotProductAttention",
     "StyleAlignedAdapter",
     "StyleAlignedOptions",
     "self_attention_layers",

@@ -126,9 +126,7 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
 
     @shared_score_scale.setter
     def shared_score_scale(self, value: float) -> None:
-        self.options = self.options.replace(shared_score_scale=value)
-        for adapter, _ in self._attention_adapters:
-            adapter.shared_score_scale = value
+        self._set_scores(shared_score_scale=value)
 
     @property
     def shared_score_shift(self) -> float:
@@ -137,9 +135,14 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
 
     @shared_score_shift.setter
     def shared_score_shift(self, value: float) -> None:
-        self.options = self.options.replace(shared_score_shift=value)
+        self._set_scores(shared_score_shift=value)
+
+    def _set_scores(self, **scores: float) -> None:
+        """Change `shared_score_scale` or `shared_score_shift` in the options (checked there) and in every layer."""
+        self.options = self.options.replace(**scores)
         for adapter, _ in self._attention_adapters:
-            adapter.shared_score_shift = value
+            for name, value in scores.items():
+                setattr(adapter, name, value)
 
     def inject(self, parent: fl.Chain | None = None) -> "StyleAlignedAdapter[T]":
         """Put the shared layers in the U-Net.

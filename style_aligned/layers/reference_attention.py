@@ -2,7 +2,7 @@
 
 `concat` is StyleAligned's shared attention (arXiv 2312.02133) generalised to `k` references; `swap` is Visual Style
 Prompting's swapping self-attention (arXiv 2402.12974): the target's queries attend to the references' keys and
-values only. With one reference in `concat` mode this computes what `ShiftedScaledDotProductAttention` computes.
+values only. With one reference in `concat` mode this computes what `SharedScaledDotProductAttention` computes.
 """
 
 import math
@@ -11,8 +11,9 @@ from typing import Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from torch.nn.functional import scaled_dot_product_attention
 
-from style_aligned.layers.attention import BiasedScaledDotProductAttention
+from style_aligned.layers.attention import References, SharedScaledDotProductAttention
 from style_aligned.layers.reference_cache import ReferenceCache
 
 AttentionMode = Literal["concat", "swap"]
@@ -47,25 +48,33 @@ def reference_logit_bias(
     return torch.cat([per_reference.new_zeros(num_own), per_reference]).reshape(1, 1, 1, -1)
 
 
-class ReferenceAttention(BiasedScaledDotProductAttention):
+class ReferenceAttention(SharedScaledDotProductAttention):
     """Scaled dot-product attention of every target over the tokens of the `k` references of its batch half.
 
-    The references are the first `k` images of each half (or a recording, see `ReferenceCache`); each runs plain
-    self-attention over its own tokens, so it is the image the model makes of its prompt. Each target attends:
+    The shared attention kernel generalised to several references and to swap mode: it takes the place of
+    `SharedScaledDotProductAttention` after the same layers and receives the same inputs. The references are the
+    first `k` images of each half (or a recording, see `ReferenceCache`); each runs plain self-attention over its own
+    tokens, so it is the image the model makes of its prompt. Each target attends:
 
-    - in `concat` mode, to its own tokens followed by the tokens of every reference, whose keys are multiplied by
-      `scale` (`shared_score_scale`) and whose logits get `shift + log p_j` added (`shared_score_shift`, and the
-      normalised weight `p_j` of reference `j`: a log-weight);
-    - in `swap` mode, to the tokens of the references only (their logits get `log p_j`, so one reference is plain
-      attention of the target's queries over the reference's keys and values).
+    - in `concat` mode, to its own tokens followed by the reference tokens it is given (`GetReferences`: the tokens
+      of every reference, keys already scaled by `ScaleReferences`), whose logits get `shift + log p_j` added
+      (`shared_score_shift`, and the normalised weight `p_j` of reference `j`: a log-weight);
+    - in `swap` mode, to the reference tokens only (their logits get `log p_j`, so one reference is plain attention of
+      the target's queries over the reference's keys and values).
+
+    The log-weights are a float attention mask given to the fused kernel; the logits are never materialised.
 
     Receives:
         Query (Float[Tensor, "halves images_per_half num_queries embedding_dim"]):
         Key (Float[Tensor, "halves images_per_half num_tokens embedding_dim"]): Each image's own keys.
         Value (Float[Tensor, "halves images_per_half num_tokens embedding_dim"]): Each image's own values.
+        Reference key (Float[Tensor, "halves images_per_half references*num_tokens embedding_dim"]): The keys of the
+            references each image is given, one reference after another.
+        Reference value (Float[Tensor, "halves images_per_half references*num_tokens embedding_dim"]): Their values.
 
     Returns:
-        (Float[Tensor, "batch num_queries embedding_dim"]): With `batch = halves * images_per_half`.
+        (Float[Tensor, "batch num_queries embedding_dim"]): With `batch = halves * images_per_half`; the rows of the
+            references are their plain self-attention outputs.
     """
 
     def __init__(
@@ -73,67 +82,62 @@ class ReferenceAttention(BiasedScaledDotProductAttention):
         num_heads: int = 1,
         *,
         mode: AttentionMode = "concat",
-        scale: float = 1.0,
         shift: float = 0.0,
         slice_size: int | None = None,
         reference_cache: ReferenceCache,
     ) -> None:
-        """Initialize the layer.
+        """Initialize the kernel.
 
         Args:
-            num_heads: The number of heads.
+            num_heads: The number of attention heads.
             mode: `"concat"` (own and reference tokens) or `"swap"` (reference tokens only).
-            scale: The factor on the reference keys given to the targets.
-            shift: The constant added to the logits of the reference tokens of targets.
-            slice_size: If given, the queries are processed in slices of this size.
-            reference_cache: The cache of the adapter that owns this layer (where the references come from).
+            shift: `shared_score_shift`, added with each reference's log-weight to the logits of its tokens.
+            slice_size: If given, the queries of every image are processed in slices of this size.
+            reference_cache: Tells which images are references, how many there are and their weights.
         """
-        super().__init__(num_heads=num_heads, slice_size=slice_size)
+        super().__init__(num_heads, shift=shift, slice_size=slice_size, reference_cache=reference_cache)
         self.mode: AttentionMode = mode
-        self.scale = scale
-        self.shift = shift
-        self.reference_cache = reference_cache
 
-    def forward(
-        self,
-        query: Float[Tensor, "halves images_per_half num_queries embedding_dim"],
-        key: Float[Tensor, "halves images_per_half num_tokens embedding_dim"],
-        value: Float[Tensor, "halves images_per_half num_tokens embedding_dim"],
-    ) -> Float[Tensor, "batch num_queries embedding_dim"]:
-        cache = self.reference_cache
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, shared: References | None) -> Tensor:
+        """The output of every image for these queries, `(halves, images_per_half, num_queries, embedding_dim)`.
+
+        `shared`: the keys and values of the references given to the targets, `(halves, references * tokens,
+        embedding_dim)` each, or `None` without targets.
+        """
         halves, per_half, num_queries, _ = query.shape
-        num_tokens, key_dim = key.shape[-2:]
-        recorded = cache.references(self, torch.cat([key, value], dim=-1))  # (halves, k, tokens, key + value dims)
-        reference_keys, reference_values = recorded[..., :key_dim], recorded[..., key_dim:]
-        first_target = cache.num_references if cache.batch_has_references else 0
-        num_targets = per_half - first_target
+        first = self.first_target
         output = query.new_empty(halves, per_half, num_queries, value.shape[-1])
-        step = self.slice_size or num_queries
-        if first_target > 0:  # the references: plain attention over their own tokens
-            own = (key[:, :first_target].flatten(0, 1), value[:, :first_target].flatten(0, 1))
-            for start in range(0, num_queries, step):
-                queries = slice(start, start + step)
-                attended = self._attend(query[:, :first_target, queries].flatten(0, 1), *own, bias=None)
-                output[:, :first_target, queries] = attended.reshape(halves, first_target, -1, value.shape[-1])
-        if num_targets == 0:
-            return output.reshape(halves * per_half, num_queries, -1)
-        # the tokens of all references of each half, one after the other: (halves, targets, k * tokens, channels)
-        shared_keys = reference_keys.flatten(1, 2)[:, None].expand(-1, num_targets, -1, -1)
-        shared_values = reference_values.flatten(1, 2)[:, None].expand(-1, num_targets, -1, -1)
-        if self.scale != 1.0:
-            shared_keys = shared_keys * self.scale
+        if first > 0:  # the references: plain attention over their own tokens
+            output[:, :first] = self._attend_images(query[:, :first], key[:, :first], value[:, :first], bias=None)
+        if shared is None:
+            return output
+        targets = per_half - first
+        # the tokens of all references, given to every target: (halves, targets, references * tokens, channels)
+        shared_keys, shared_values = (x[:, None].expand(-1, targets, -1, -1) for x in shared)
         if self.mode == "concat":
-            keys = torch.cat([key[:, first_target:], shared_keys], dim=-2)
-            values = torch.cat([value[:, first_target:], shared_values], dim=-2)
+            keys = torch.cat([key[:, first:], shared_keys], dim=-2)
+            values = torch.cat([value[:, first:], shared_values], dim=-2)
         else:
             keys, values = shared_keys, shared_values
-        num_own = num_tokens if self.mode == "concat" else 0
+        num_tokens = key.shape[-2]
         bias = reference_logit_bias(
-            num_own, num_tokens, cache.mixture_weights, shift=self.shift, device=query.device, dtype=query.dtype
+            num_tokens if self.mode == "concat" else 0,
+            num_tokens,
+            self.reference_cache.mixture_weights,
+            shift=self.shift,
+            device=query.device,
+            dtype=query.dtype,
         )
-        keys, values = keys.flatten(0, 1), values.flatten(0, 1)  # (halves * targets, keys, channels)
-        for start in range(0, num_queries, step):
-            queries = slice(start, start + step)
-            attended = self._attend(query[:, first_target:, queries].flatten(0, 1), keys, values, bias=bias)
-            output[:, first_target:, queries] = attended.reshape(halves, num_targets, -1, value.shape[-1])
-        return output.reshape(halves * per_half, num_queries, -1)
+        output[:, first:] = self._attend_images(query[:, first:], keys, values, bias=bias)
+        return output
+
+    def _attend_images(self, query: Tensor, key: Tensor, value: Tensor, *, bias: Tensor | None) -> Tensor:
+        """The attention of each image's queries over its keys, all `(halves, images, tokens, embedding_dim)`."""
+        halves, count, num_queries, _ = query.shape
+        attended = scaled_dot_product_attention(
+            self._heads(query.flatten(0, 1)),
+            self._heads(key.flatten(0, 1)),
+            self._heads(value.flatten(0, 1)),
+            attn_mask=bias,
+        )  # (halves * images, heads, num_queries, head_dim)
+        return attended.transpose(1, 2).reshape(halves, count, num_queries, -1)

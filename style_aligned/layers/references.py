@@ -1,4 +1,4 @@
-"""The reference image of each batch half, and the layers that hand its features to the other images.
+"""The reference images of each batch half, and the layers that hand their features to the other images.
 
 See `style_aligned.layers.batch_layout` for the batch layout and `style_aligned.layers.reference_cache` for where
 the references come from (the batch itself by default, or a recording of an earlier pass).
@@ -43,18 +43,23 @@ class SplitHalves(fl.Module):
 
 
 class GetReferences(fl.Module):
-    """Replace every image of each batch half by the half's reference image, as a broadcast view (no copy).
+    """Give every image of each batch half the tokens of its half's references, as a broadcast view (no copy).
+
+    These are the tokens that shared attention appends to each image's own (SPEC section 1, step 3: `ref(x)`): the
+    reference's, or the tokens of the `k` references one after another with several references. They come from the
+    batch (its first `k` images of each half) or from the recording (see `ReferenceCache`).
 
     Receives:
-        (Float[Tensor, "halves images_per_half ..."]): Features of every image, by half (see `SplitHalves`).
+        (Float[Tensor, "halves images_per_half tokens channels"]): Features of every image, by half (see `SplitHalves`).
 
     Returns:
-        (Float[Tensor, "halves images_per_half ..."]): The features of each half's reference, for every image.
+        (Float[Tensor, "halves images_per_half references*tokens channels"]): The features of each half's references,
+            for every image: one view of the references, not a copy per image.
 
     Example:
         ```py
         get_references = GetReferences(ReferenceCache())
-        x = torch.arange(4.0).reshape(2, 2, 1)  # [[uncond_0, uncond_1], [cond_0, cond_1]]
+        x = torch.arange(4.0).reshape(2, 2, 1, 1)  # [[uncond_0, uncond_1], [cond_0, cond_1]], one token each
         assert get_references(x).flatten().tolist() == [0.0, 0.0, 2.0, 2.0]
         ```
     """
@@ -68,38 +73,25 @@ class GetReferences(fl.Module):
         super().__init__()
         self.reference_cache = reference_cache
 
-    def forward(self, x: Float[Tensor, "halves images_per_half ..."]) -> Float[Tensor, "halves images_per_half ..."]:
-        return self.reference_cache.references(self, x).expand_as(x)
-
-
-class ReferenceRows(fl.Module):
-    """The reference image of each batch half, from the batch or the recording (see `ReferenceCache`).
-
-    Receives:
-        (Float[Tensor, "halves images_per_half ..."]): Features of every image, by half (see `SplitHalves`).
-
-    Returns:
-        (Float[Tensor, "halves 1 ..."]): The features of each half's reference (a view in the default mode).
-    """
-
-    def __init__(self, reference_cache: ReferenceCache) -> None:
-        """Initialize the layer.
-
-        Args:
-            reference_cache: Where the references come from.
-        """
-        super().__init__()
-        self.reference_cache = reference_cache
-
-    def forward(self, x: Float[Tensor, "halves images_per_half ..."]) -> Float[Tensor, "halves 1 ..."]:
-        return self.reference_cache.references(self, x)
+    def forward(
+        self, x: Float[Tensor, "halves images_per_half tokens channels"]
+    ) -> Float[Tensor, "halves images_per_half references_tokens channels"]:
+        halves, per_half, _, channels = x.shape
+        references = self.reference_cache.references(self, x)  # (halves, references, tokens, channels)
+        tokens = references.flatten(1, 2)  # (halves, references * tokens, channels): a view of contiguous rows
+        return tokens[:, None].expand(halves, per_half, -1, channels)
 
 
 class ScaleReferences(fl.Module):
-    """Scale the reference features handed to the targets, leaving the reference's own copy unscaled.
+    """Scale the reference features handed to the targets, leaving the references' own copies unscaled.
 
-    Used on the keys only, it scales the attention scores of targets towards the reference (`shared_score_scale`).
-    The reference's own copy stays unscaled so that the reference keeps its plain self-attention output.
+    On the reference keys given by `GetReferences`, this is `shared_score_scale` (SPEC section 1, step 3:
+    `K' = cat([K, s * ref(K)])`): it scales the attention scores of the targets towards their reference. The
+    references' own copies stay unscaled, so that each reference keeps its plain self-attention output. When the
+    reference cache replays recorded references, every image is a target.
+
+    With `scale == 1` the input is returned as it is (still a broadcast view); otherwise the result holds one copy per
+    image.
 
     Receives:
         (Float[Tensor, "halves images_per_half tokens channels"]): Reference features, as given by `GetReferences`.
@@ -112,8 +104,8 @@ class ScaleReferences(fl.Module):
         """Initialize the layer.
 
         Args:
-            scale: The factor applied to the reference features of target rows.
-            reference_cache: The cache of the adapter that owns this layer (where the references come from).
+            scale: The factor applied to the reference features of target rows (`shared_score_scale`).
+            reference_cache: The cache of the adapter that owns this layer (which rows are references).
         """
         super().__init__()
         self.scale = scale
@@ -122,36 +114,63 @@ class ScaleReferences(fl.Module):
     def forward(self, x: Float[Tensor, "halves images_per_half ..."]) -> Float[Tensor, "halves images_per_half ..."]:
         if self.scale == 1.0:
             return x
-        factors = torch.full(x.shape[:2], self.scale, device=x.device, dtype=x.dtype)
+        factors = torch.full(x.shape[:2], self.scale, device=x.device, dtype=x.dtype)  # (halves, images_per_half)
         if self.reference_cache.batch_has_references:
-            factors[:, 0] = 1.0  # the reference's own copy
+            factors[:, : self.reference_cache.num_references] = 1.0  # the references' own copies
         return x * factors.reshape(*x.shape[:2], *(1,) * (x.ndim - 2))
 
 
-class AppendReferences(fl.Concatenate):
-    """Append to each image's tokens the tokens of its half's reference (scaled for the targets, if asked).
-
-    The references are a broadcast view: concatenating allocates the result only.
+class ReferenceKeys(fl.Chain):
+    """The reference keys each image is given: the references' keys (`GetReferences`), scaled for the targets
+    (`ScaleReferences`, `shared_score_scale`).
 
     Receives:
-        (Float[Tensor, "halves images_per_half tokens channels"]): Features of every image, by half.
+        Query (Float[Tensor, "halves images_per_half tokens channels"]): Not read.
+        Key (Float[Tensor, "halves images_per_half tokens channels"]): The keys of every image, by half.
+        Value (Float[Tensor, "halves images_per_half tokens channels"]): Not read.
 
     Returns:
-        (Float[Tensor, "halves images_per_half 2*tokens channels"]): Each image's tokens, then its reference's.
+        (Float[Tensor, "halves images_per_half references*tokens channels"]): The reference keys given to each
+            image (see `GetReferences`), scaled for the targets.
     """
 
-    def __init__(self, scale: float | None = None, *, reference_cache: ReferenceCache) -> None:
+    def __init__(self, scale: float = 1.0, *, reference_cache: ReferenceCache) -> None:
         """Initialize the layer.
 
         Args:
-            scale: If given, the appended copies of target rows are scaled by it (a `ScaleReferences` layer).
+            scale: The factor on the reference keys given to the targets.
             reference_cache: The cache of the adapter that owns this layer (where the references come from).
         """
-        cache = reference_cache
-        references = fl.Chain(GetReferences(cache))
-        if scale is not None:
-            references.append(ScaleReferences(scale, reference_cache=cache))
-        super().__init__(fl.Identity(), references, dim=-2)
+        super().__init__(
+            fl.GetArg(1),  # keys: (halves, images_per_half, tokens, channels)
+            GetReferences(reference_cache),  # (halves, images_per_half, references * tokens, channels), a view
+            ScaleReferences(scale, reference_cache=reference_cache),  # the same, scaled for the targets
+        )
+
+
+class ReferenceValues(fl.Chain):
+    """The reference values each image is given: the references' values (`GetReferences`).
+
+    Receives:
+        Query (Float[Tensor, "halves images_per_half tokens channels"]): Not read.
+        Key (Float[Tensor, "halves images_per_half tokens channels"]): Not read.
+        Value (Float[Tensor, "halves images_per_half tokens channels"]): The values of every image, by half.
+
+    Returns:
+        (Float[Tensor, "halves images_per_half references*tokens channels"]): The reference values given to each
+            image (see `GetReferences`): a broadcast view.
+    """
+
+    def __init__(self, *, reference_cache: ReferenceCache) -> None:
+        """Initialize the layer.
+
+        Args:
+            reference_cache: The cache of the adapter that owns this layer (where the references come from).
+        """
+        super().__init__(
+            fl.GetArg(2),  # values: (halves, images_per_half, tokens, channels)
+            GetReferences(reference_cache),  # (halves, images_per_half, references * tokens, channels), a view
+        )
 
 
 class CheckBatchLayout(fl.ContextModule):
@@ -171,8 +190,8 @@ class CheckBatchLayout(fl.ContextModule):
         """Initialize the layer.
 
         Args:
-            classifier_free_guidance: Whether the batch is made of an unconditional and a conditional half.
-            reference_cache: The cache of the adapter that owns this layer (where the references come from).
+            classifier_free_guidance: Whether the U-Net's batch must be an unconditional and a conditional half.
+            reference_cache: The cache whose mode and number of references the batch must fit.
         """
         super().__init__()
         self.classifier_free_guidance = classifier_free_guidance
