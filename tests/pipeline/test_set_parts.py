@@ -10,8 +10,6 @@ from torch import Tensor
 from style_aligned.pipeline.generate import ProgressEvent, SetSpec, generate_set
 from style_aligned.pipeline.transfer import TransferSpec, make_trajectory, transfer_set
 
-pytestmark = pytest.mark.slow
-
 PROMPTS = ["a toy train", "a toy airplane", "a toy bicycle", "a toy car"]
 
 

@@ -16,8 +16,6 @@ from style_aligned.options import StyleAlignedOptions
 from style_aligned.pipeline.generate import ProgressEvent, SetConditioning, SetSpec, generate_set, initial_latents
 from style_aligned.pipeline.solvers import image_seed
 
-pytestmark = pytest.mark.slow
-
 PROMPTS = ["a toy train", "a toy airplane", "a toy bicycle", "a toy car", "a toy boat", "an owl", "a castle", "a cup"]
 
 
