@@ -7,6 +7,7 @@ fixtures, is marked `slow` here, and that is the only way a test becomes `slow`.
 """
 
 import gc
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +17,11 @@ import pytest
 import torch
 
 from tests.helpers import models
+from tests.helpers import peak_memory as memory
 from tests.helpers.models import full_size_fixture, uses_full_size_fixture
 from tests.helpers.peak_memory import PeakMemory
+
+MMAP_THRESHOLD = 1 << 20
 
 FAST_TIER_PEAK_LIMIT = 3 << 29
 """How much a test of the fast tier may add to the process's peak resident memory, fixtures included: 1.5 GiB (the
@@ -25,6 +29,18 @@ largest fast test adds about 0.8 GiB; a full-size SD1 U-Net is 3.4 GiB, an SDXL 
 
 _module_fixtures: dict[Any, set[str]] = {}
 _peak = PeakMemory()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give freed model memory back to the system at once (glibc).
+
+    glibc raises its mmap threshold (up to 32 MiB) each time it frees a large block, after which tensors of a few MiB,
+    most of a model's weights, come from its heap: freed, they stay resident, and new tensors of other sizes do not
+    fit their holes, so each large model built after another added gigabytes that outlived it. A fixed threshold of
+    1 MiB keeps every large tensor in its own mapping, returned when freed; subprocesses get the same setting.
+    """
+    if memory.set_mmap_threshold(MMAP_THRESHOLD):
+        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -70,6 +86,7 @@ def collect_garbage() -> Iterator[None]:
     so they are freed by the garbage collector, not as soon as they are dropped."""
     yield
     gc.collect()
+    memory.trim()
 
 
 @full_size_fixture(scope="session")

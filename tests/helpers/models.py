@@ -16,6 +16,7 @@ from refiners.foundationals.latent_diffusion.solvers import DDIM
 from refiners.foundationals.latent_diffusion.stable_diffusion_1.model import SD1Autoencoder
 
 from style_aligned.weights.random_weights import build_random
+from tests.helpers.peak_memory import trim
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -59,6 +60,7 @@ def release(keep: Collection[str] = ()) -> None:
         del _held[name]
     if dropped:
         gc.collect()
+        trim()
 
 
 def sdxl_unet() -> SDXLUNet:
