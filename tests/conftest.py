@@ -1,6 +1,13 @@
-"""Shared fixtures: models are built once per session and deleted at its end (see `models.py`)."""
+"""Shared fixtures and the two tiers of the suite.
+
+Models are built once per session and deleted at its end (see `models.py`). A fixture that builds or loads a
+full-size model is declared with `models.full_size_fixture`; every test that uses one, directly or through other
+fixtures, is marked `slow` here, and that is the only way a test becomes `slow`. Every other test (the fast tier,
+`-m "not slow"`) is checked not to build a large model: its peak memory may grow by `FAST_TIER_PEAK_LIMIT` at most.
+"""
 
 import gc
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,19 +16,68 @@ from typing import Any
 import pytest
 import torch
 
-from tests.helpers import diffusers_models as dm
 from tests.helpers import models
+from tests.helpers import peak_memory as memory
+from tests.helpers.models import full_size_fixture, uses_full_size_fixture
+from tests.helpers.peak_memory import PeakMemory
 
-FULL_SIZE_FIXTURES = frozenset({"sd1_source", "sd1_converted", "sd1_pipeline", "flux_reduced"})
-"""The session fixtures that build full-size random models: every test that uses one is `slow`."""
+MMAP_THRESHOLD = 1 << 20
+
+FAST_TIER_PEAK_LIMIT = 3 << 29
+"""How much a test of the fast tier may add to the process's peak resident memory, fixtures included: 1.5 GiB (the
+largest fast test adds about 0.8 GiB; a full-size SD1 U-Net is 3.4 GiB, an SDXL one 10 GiB)."""
+
+_module_fixtures: dict[Any, set[str]] = {}
+_peak = PeakMemory()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give freed model memory back to the system at once (glibc).
+
+    glibc raises its mmap threshold (up to 32 MiB) each time it frees a large block, after which tensors of a few MiB,
+    most of a model's weights, come from its heap: freed, they stay resident, and new tensors of other sizes do not
+    fit their holes, so each large model built after another added gigabytes that outlived it. A fixed threshold of
+    1 MiB keeps every large tensor in its own mapping, returned when freed; subprocesses get the same setting.
+    """
+    if memory.set_mmap_threshold(MMAP_THRESHOLD):
+        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark `slow` every test that uses a full-size model through the shared fixtures (modules that build their own
-    full-size models mark themselves)."""
+    """Mark `slow` every test whose fixtures include a full-size fixture, and refuse any other `slow` marker."""
+    marked_by_hand = [item.nodeid for item in items if item.get_closest_marker("slow")]
+    if marked_by_hand:
+        raise pytest.UsageError(
+            "tests are marked slow by hand (they are marked from their fixtures: build full-size models in a "
+            f"fixture declared with `full_size_fixture`): {', '.join(marked_by_hand[:5])}"
+        )
     for item in items:
-        if FULL_SIZE_FIXTURES & set(getattr(item, "fixturenames", ())):
+        _module_fixtures.setdefault(getattr(item, "module", None), set()).update(getattr(item, "fixturenames", ()))
+        if uses_full_size_fixture(item):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if not item.get_closest_marker("slow"):
+        _peak.start()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    yield  # the fixtures that end with this test are torn down
+    module = getattr(nextitem, "module", None)
+    if module is not getattr(item, "module", None):  # a module ends: drop the held models the next one does not use
+        models.release(keep=_module_fixtures.get(module, set()) if nextitem else ())
+    if not item.get_closest_marker("slow") and _peak.available:
+        growth = _peak.growth()
+        if growth > FAST_TIER_PEAK_LIMIT:
+            pytest.fail(
+                f"{item.nodeid} is not slow but its peak memory grew by {growth / 2**30:.1f} GiB: build full-size "
+                "models in a fixture declared with `full_size_fixture` (tests/helpers/models.py)",
+                pytrace=False,
+            )
+    return None
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -30,11 +86,14 @@ def collect_garbage() -> Iterator[None]:
     so they are freed by the garbage collector, not as soon as they are dropped."""
     yield
     gc.collect()
+    memory.trim()
 
 
-@pytest.fixture(scope="session")
+@full_size_fixture(scope="session")
 def sd1_source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A random SD1 pipeline and ControlNet in the diffusers layout, with the diffusers models' outputs."""
+    from tests.helpers import diffusers_models as dm
+
     models.release()
     root = tmp_path_factory.mktemp("sd1-diffusers")
     pipeline, controlnet_folder = root / "pipeline", root / "controlnet"
@@ -75,7 +134,7 @@ def sd1_source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
     shutil.rmtree(root)
 
 
-@pytest.fixture(scope="session")
+@full_size_fixture(scope="session")
 def sd1_converted(sd1_source: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The random SD1 pipeline converted once, by the command line."""
     from style_aligned.cli import main as cli
@@ -86,19 +145,26 @@ def sd1_converted(sd1_source: dict[str, Any], tmp_path_factory: pytest.TempPathF
     shutil.rmtree(destination)
 
 
-@pytest.fixture(scope="module")
+@full_size_fixture()
 def sd1_pipeline(sd1_converted: Path) -> Any:
-    """The converted random SD1 pipeline, loaded once per test module (a Refiners `StableDiffusion_1`)."""
+    """The converted random SD1 pipeline, loaded once and shared by the modules that use it in a row (a Refiners
+    `StableDiffusion_1`)."""
     from refiners.foundationals.latent_diffusion import StableDiffusion_1
 
     from style_aligned.weights.loading import load_pipeline
 
-    model = models.held("sd1-converted", lambda: load_pipeline(sd1_converted))  # drops any other held model
+    model = models.held("sd1_pipeline", lambda: load_pipeline(sd1_converted))  # drops any other held model
     assert isinstance(model, StableDiffusion_1)
     return model
 
 
-@pytest.fixture(scope="session")
+@full_size_fixture()
+def sdxl_unet() -> Any:
+    """A random full-size SDXL U-Net (10 GiB), shared by the modules that use it in a row."""
+    return models.sdxl_unet()
+
+
+@full_size_fixture(scope="session")
 def flux_reduced() -> Iterator[dict[str, Any]]:
     """FLUX.1 [dev] at full width with 2 double and 4 single blocks: the diffusers model's output on random inputs, and
     the Refiners model loaded from its state dict (sharing its tensors: one copy of 5.2 GB)."""

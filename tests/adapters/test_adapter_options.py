@@ -16,13 +16,13 @@ from style_aligned.options import StyleAlignedOptions
 
 
 @pytest.fixture(scope="module")
-def sdxl_unet() -> SDXLUNet:
+def meta_sdxl() -> SDXLUNet:
     with torch.device("meta"):
         return SDXLUNet(in_channels=4)
 
 
 @pytest.fixture(scope="module")
-def sd1_unet() -> SD1UNet:
+def meta_sd1() -> SD1UNet:
     with torch.device("meta"):
         return SD1UNet(in_channels=4)
 
@@ -46,16 +46,15 @@ def test_only_self_level_spreads_unshared_layers_like_the_reference() -> None:
     assert unshared_by_level(16, 0.99) == [True] * 16
 
 
-@pytest.mark.slow
-def test_layer_choice_by_level_index_and_block(sdxl_unet: SDXLUNet) -> None:
-    layers = self_attention_layers(sdxl_unet)
-    assert len(shared_indices(StyleAlignedAdapter(sdxl_unet, StyleAlignedOptions(only_self_level=0.3)))) == 70 - 24
-    assert shared_indices(StyleAlignedAdapter(sdxl_unet, StyleAlignedOptions(shared_layers=[3, 0, 69]))) == [0, 3, 69]
-    up = StyleAlignedAdapter(sdxl_unet, StyleAlignedOptions(shared_blocks=["up"]))
+def test_layer_choice_by_level_index_and_block(meta_sdxl: SDXLUNet) -> None:
+    layers = self_attention_layers(meta_sdxl)
+    assert len(shared_indices(StyleAlignedAdapter(meta_sdxl, StyleAlignedOptions(only_self_level=0.3)))) == 70 - 24
+    assert shared_indices(StyleAlignedAdapter(meta_sdxl, StyleAlignedOptions(shared_layers=[3, 0, 69]))) == [0, 3, 69]
+    up = StyleAlignedAdapter(meta_sdxl, StyleAlignedOptions(shared_blocks=["up"]))
     assert shared_indices(up) == [layer.index for layer in layers if layer.block == "up"] == list(range(34, 70))
     up.inject()
     try:
-        adapted = {id(adapter.target) for adapter in sdxl_unet.layers(SharedAttentionAdapter)}
+        adapted = {id(adapter.target) for adapter in meta_sdxl.layers(SharedAttentionAdapter)}
         assert len(adapted) == 36
         assert all(
             any(isinstance(m, SharedAttentionAdapter) for m in layer.layer) == (layer.block == "up") for layer in layers
@@ -64,17 +63,15 @@ def test_layer_choice_by_level_index_and_block(sdxl_unet: SDXLUNet) -> None:
         up.eject()
 
 
-@pytest.mark.slow
-def test_group_norm_sharing_is_independent_of_the_layer_choice(sd1_unet: SD1UNet) -> None:
-    adapter = StyleAlignedAdapter(sd1_unet, StyleAlignedOptions(share_group_norm=True, only_self_level=1.0)).inject()
+def test_group_norm_sharing_is_independent_of_the_layer_choice(meta_sd1: SD1UNet) -> None:
+    adapter = StyleAlignedAdapter(meta_sd1, StyleAlignedOptions(share_group_norm=True, only_self_level=1.0)).inject()
     try:
-        assert sum(1 for _ in sd1_unet.layers(SharedAttentionAdapter)) == 0
-        assert sum(1 for _ in sd1_unet.layers(SharedGroupNormAdapter)) == 61
+        assert sum(1 for _ in meta_sd1.layers(SharedAttentionAdapter)) == 0
+        assert sum(1 for _ in meta_sd1.layers(SharedGroupNormAdapter)) == 61
     finally:
         adapter.eject()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "options",
     [
@@ -93,46 +90,44 @@ def test_group_norm_sharing_is_independent_of_the_layer_choice(sd1_unet: SD1UNet
         {"full_attention_share": True, "shared_score_scale": 0.5},
     ],
 )
-def test_options_out_of_range_are_refused(sdxl_unet: SDXLUNet, options: dict[str, Any]) -> None:
-    before = structure(sdxl_unet)
+def test_options_out_of_range_are_refused(meta_sdxl: SDXLUNet, options: dict[str, Any]) -> None:
+    before = structure(meta_sdxl)
     with pytest.raises(ValueError) as error:
-        StyleAlignedAdapter(sdxl_unet, StyleAlignedOptions(**options))
+        StyleAlignedAdapter(meta_sdxl, StyleAlignedOptions(**options))
     assert any(name in str(error.value) for name in options)
-    assert structure(sdxl_unet) == before
+    assert structure(meta_sdxl) == before
 
 
-@pytest.mark.slow
-def test_misuse_is_refused_and_leaves_the_unet_as_it_was(sdxl_unet: SDXLUNet) -> None:
-    before = structure(sdxl_unet)
-    adapter = StyleAlignedAdapter(sdxl_unet, StyleAlignedOptions(share_group_norm=True))
-    other = StyleAlignedAdapter(sdxl_unet)
+def test_misuse_is_refused_and_leaves_the_unet_as_it_was(meta_sdxl: SDXLUNet) -> None:
+    before = structure(meta_sdxl)
+    adapter = StyleAlignedAdapter(meta_sdxl, StyleAlignedOptions(share_group_norm=True))
+    other = StyleAlignedAdapter(meta_sdxl)
     with pytest.raises(RuntimeError, match="not injected"):
         adapter.eject()
     adapter.inject()
-    injected = structure(sdxl_unet)
+    injected = structure(meta_sdxl)
     with pytest.raises(RuntimeError, match="already injected"):
         adapter.inject()
     with pytest.raises(RuntimeError, match="already injected"):
         other.inject()
     with pytest.raises(RuntimeError, match="already injected"):
-        StyleAlignedAdapter(sdxl_unet)
+        StyleAlignedAdapter(meta_sdxl)
     with pytest.raises(ValueError, match="shared_score_scale"):
         adapter.shared_score_scale = -1.0
     with pytest.raises(ValueError, match="shared_score_shift"):
         adapter.shared_score_shift = math.nan
     assert (adapter.shared_score_scale, adapter.shared_score_shift) == (1.0, 0.0)
-    assert structure(sdxl_unet) == injected
+    assert structure(meta_sdxl) == injected
     adapter.eject()
-    assert structure(sdxl_unet) == before
+    assert structure(meta_sdxl) == before
     with pytest.raises(RuntimeError, match="not injected"):
         adapter.eject()
-    assert structure(sdxl_unet) == before
+    assert structure(meta_sdxl) == before
 
 
-@pytest.mark.slow
-def test_targets_that_are_not_unets_are_refused(sdxl_unet: SDXLUNet) -> None:
+def test_targets_that_are_not_unets_are_refused(meta_sdxl: SDXLUNet) -> None:
     with pytest.raises(TypeError, match=r"pass its `\.unet`"):
-        StyleAlignedAdapter(SimpleNamespace(unet=sdxl_unet))  # type: ignore[type-var]
+        StyleAlignedAdapter(SimpleNamespace(unet=meta_sdxl))  # type: ignore[type-var]
     with torch.device("meta"):
         text_encoder = CLIPTextEncoderL()
     with pytest.raises(TypeError, match="SD1UNet or SDXLUNet"):

@@ -13,8 +13,6 @@ from style_aligned import SharedAttentionAdapter, SharedGroupNormAdapter, StyleA
 from style_aligned.options import StyleAlignedOptions
 from tests.helpers import models
 
-pytestmark = pytest.mark.slow  # full-size random models
-
 TOLERANCE = 1e-5
 LAYER_COUNTS = {"sd1": (16, 61), "sdxl": (70, 46)}  # self-attention layers, GroupNorm layers
 BLOCK_COUNTS = {"sd1": {"down": 6, "mid": 1, "up": 9}, "sdxl": {"down": 24, "mid": 10, "up": 36}}
@@ -30,7 +28,7 @@ def kind(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-@pytest.fixture(scope="module")
+@models.full_size_fixture()
 def unet(kind: str) -> SD1UNet | SDXLUNet:
     return models.sd1().unet if kind == "sd1" else models.sdxl_unet()
 

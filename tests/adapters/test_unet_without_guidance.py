@@ -16,8 +16,6 @@ from tests.helpers import models
 from tests.helpers import spec_reference as spec
 from tests.helpers.compare import assert_close
 
-pytestmark = pytest.mark.slow
-
 OPTION_SETS: list[dict[str, Any]] = [
     {},
     {"share_group_norm": True, "shared_score_shift": math.log(2), "shared_score_scale": 0.8},
@@ -49,7 +47,7 @@ class SpecGroupNorm(fl.Module):
         return spec.shared_group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, False).to(x.dtype)
 
 
-@pytest.fixture(scope="module", params=["sd1", "sdxl"])
+@models.full_size_fixture(params=["sd1", "sdxl"])
 def unet(request: pytest.FixtureRequest) -> SD1UNet | SDXLUNet:
     return models.sd1().unet if request.param == "sd1" else models.sdxl_unet()
 

@@ -32,8 +32,6 @@ from tests.app.browser import (
     wait_until_ended,
 )
 
-pytestmark = pytest.mark.slow
-
 PROMPTS = ["a toy train", "a toy airplane", "a toy car"]
 SCREENSHOT = Path(__file__).parents[2] / "docs" / "app.png"
 

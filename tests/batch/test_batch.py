@@ -25,8 +25,6 @@ from PIL import Image
 from style_aligned.batch.runner import BATCH_KEY
 from style_aligned.cli import main as cli
 
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).parents[2]
 CAPTION = "Man laying in a bed, medieval painting."
 SETS: list[dict[str, Any]] = [

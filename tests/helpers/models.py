@@ -1,9 +1,14 @@
-"""Full-size random-weight models shared by the tests: built once, and one large model family in memory at a time."""
+"""Full-size random-weight models shared by the tests: built once, and one large model family in memory at a time.
+
+A test gets a full-size model only through a fixture declared with `full_size_fixture`: `tests/conftest.py` marks
+`slow` every test whose fixtures include one, and fails any other test that builds a large model.
+"""
 
 import gc
-from collections.abc import Callable
-from typing import Any, cast
+from collections.abc import Callable, Collection
+from typing import Any, TypeVar, cast
 
+import pytest
 import torch
 from refiners.foundationals.clip.text_encoder import CLIPTextEncoderL
 from refiners.foundationals.latent_diffusion import SD1UNet, SDXLUNet, StableDiffusion_1
@@ -11,6 +16,31 @@ from refiners.foundationals.latent_diffusion.solvers import DDIM
 from refiners.foundationals.latent_diffusion.stable_diffusion_1.model import SD1Autoencoder
 
 from style_aligned.weights.random_weights import build_random
+from tests.helpers.peak_memory import trim
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+FULL_SIZE_FIXTURES: set[Callable[..., Any]] = set()
+"""The fixture functions that build or load full-size models (filled by `full_size_fixture`)."""
+
+
+def full_size_fixture(*, scope: str = "module", **options: Any) -> Callable[[F], F]:
+    """Declare a fixture that builds or loads a full-size model: every test that uses it, directly or through other
+    fixtures, is marked `slow`. Module scope by default, so that pytest drops the model when the module ends."""
+
+    def declare(function: F) -> F:
+        FULL_SIZE_FIXTURES.add(function)
+        return cast(F, pytest.fixture(scope=scope, **options)(function))  # type: ignore[call-overload]
+
+    return declare
+
+
+def uses_full_size_fixture(item: pytest.Item) -> bool:
+    """Whether a test's fixtures, with those they use in turn, include one declared with `full_size_fixture`."""
+    info = getattr(item, "_fixtureinfo", None)
+    definitions = info.name2fixturedefs.values() if info is not None else ()
+    return any(chain[-1].func in FULL_SIZE_FIXTURES for chain in definitions if chain)  # the definition in effect
+
 
 _held: dict[str, Any] = {}
 
@@ -23,9 +53,14 @@ def held(name: str, factory: Callable[[], Any]) -> Any:
     return _held[name]
 
 
-def release() -> None:
-    _held.clear()
-    gc.collect()
+def release(keep: Collection[str] = ()) -> None:
+    """Drop the held models (but those named in `keep`) and free their memory."""
+    dropped = [name for name in _held if name not in keep]
+    for name in dropped:
+        del _held[name]
+    if dropped:
+        gc.collect()
+        trim()
 
 
 def sdxl_unet() -> SDXLUNet:
@@ -41,7 +76,7 @@ def sd1() -> StableDiffusion_1:
             solver=DDIM(num_inference_steps=2),
         )
 
-    return cast(StableDiffusion_1, held("sd1", build))
+    return cast(StableDiffusion_1, held("sd1_random", build))
 
 
 def unet_inputs(unet: SD1UNet | SDXLUNet, batch_size: int, size: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -26,12 +26,9 @@ from tests.helpers import models
 REFERENCE_ROWS, TARGET_ROWS = [0, 2], [1, 3]  # batch of 1 reference + 1 target, with guidance
 
 
-pytestmark = pytest.mark.slow  # full-size random models
-
-
 @pytest.fixture(scope="module")
-def unet() -> SDXLUNet:
-    return models.sdxl_unet()
+def unet(sdxl_unet: SDXLUNet) -> SDXLUNet:
+    return sdxl_unet
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +36,7 @@ def inputs(unet: SDXLUNet) -> dict[str, torch.Tensor]:
     return models.unet_inputs(unet, batch_size=4, size=4, seed=5)  # 4x4 latents: the smallest SDXL takes
 
 
-@pytest.fixture(scope="module")
+@models.full_size_fixture()
 def controlnet_weights() -> Iterator[dict[str, torch.Tensor]]:
     controlnet = build_random(lambda: SDXLControlnet(name="random"), seed=7)
     yield controlnet.state_dict()

@@ -62,7 +62,6 @@ def published_sd1_ip_adapter(unet: Any, path: Path) -> None:
     save_file(tensors, str(path))
 
 
-@pytest.mark.slow
 def test_published_sd1_ip_adapter_matches_diffusers(
     sd1_source: dict[str, Any], sd1_pipeline: StableDiffusion_1, tmp_path: Path
 ) -> None:

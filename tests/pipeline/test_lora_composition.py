@@ -10,8 +10,6 @@ from refiners.foundationals.latent_diffusion.lora import SDLoraManager
 from style_aligned import SharedAttentionAdapter, StyleAlignedAdapter
 from tests.helpers import models
 
-pytestmark = pytest.mark.slow  # full-size random models
-
 
 def lora_tensors(seed: int = 0, rank: int = 4) -> dict[str, torch.Tensor]:
     """A LoRA on the q, k, v projections of the first self-attention layer (diffusers/kohya key layout)."""
@@ -25,8 +23,8 @@ def lora_tensors(seed: int = 0, rank: int = 4) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def sd() -> StableDiffusion_1:
-    return models.sd1()
+def sd(sd1_pipeline: StableDiffusion_1) -> StableDiffusion_1:
+    return sd1_pipeline
 
 
 @pytest.fixture(scope="module")

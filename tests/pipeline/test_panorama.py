@@ -99,7 +99,6 @@ def test_batched_views_are_averaged_as_multidiffusion_does(
     assert bool(covered.all())  # every latent pixel is in some view
 
 
-@pytest.mark.slow
 def test_panorama_end_to_end_with_a_plain_reference(sd: StableDiffusion_1) -> None:
     events: list[ProgressEvent] = []
     solver = sd.solver
@@ -114,7 +113,6 @@ def test_panorama_end_to_end_with_a_plain_reference(sd: StableDiffusion_1) -> No
     assert np.abs(pixels(result.reference) - pixels(plain)).max() == 0
 
 
-@pytest.mark.slow
 def test_view_batch_does_not_change_the_panorama(sd: StableDiffusion_1) -> None:
     one = generate_panorama(sd, spec(view_batch=1))
     rows: list[int] = []
@@ -130,7 +128,6 @@ def test_view_batch_does_not_change_the_panorama(sd: StableDiffusion_1) -> None:
     assert np.abs(pixels(one.reference) - pixels(three.reference)).max() == 0
 
 
-@pytest.mark.slow
 def test_views_are_averaged_as_refiners_multidiffusion_averages_them(sd: StableDiffusion_1) -> None:
     resolved = spec(view_batch=3).resolved(sd)
     conditioning = SetConditioning(sd, [REFERENCE, PROMPT], "", width=64, height=64)
@@ -159,7 +156,6 @@ def test_views_are_averaged_as_refiners_multidiffusion_averages_them(sd: StableD
     assert (ours - canvas).abs().max().item() > 0
 
 
-@pytest.mark.slow
 def test_panorama_command(sd1_converted: Path, tmp_path: Path) -> None:
     out = tmp_path / "panorama"
     arguments = ["panorama", "--model", str(sd1_converted), "--out", str(out), "--prompt", PROMPT, "--steps", "2"]
@@ -206,7 +202,6 @@ def test_panorama_command(sd1_converted: Path, tmp_path: Path) -> None:
         (["--image", "missing.png", "--caption", "x"], "does not exist"),
     ],
 )
-@pytest.mark.slow
 def test_panorama_command_errors(
     sd1_converted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
 ) -> None:

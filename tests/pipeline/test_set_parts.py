@@ -12,8 +12,6 @@ from style_aligned.pipeline.progress import ProgressEvent
 from style_aligned.pipeline.spec import SetSpec
 from style_aligned.pipeline.transfer import TransferSpec, make_trajectory, transfer_set
 
-pytestmark = pytest.mark.slow
-
 PROMPTS = ["a toy train", "a toy airplane", "a toy bicycle", "a toy car"]
 
 

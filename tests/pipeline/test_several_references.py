@@ -48,7 +48,6 @@ def pixels(images: list[Image.Image]) -> np.ndarray:
     return np.stack([np.asarray(image, dtype=np.int16) for image in images])
 
 
-@pytest.mark.slow
 def test_one_reference_in_the_list_is_todays_set(sd: StableDiffusion_1) -> None:
     single = generate_set(sd, SetSpec(prompts=TARGETS[:2], reference_prompt=REFERENCES[0], width=64, steps=2))
     listed = generate_set(
@@ -57,7 +56,6 @@ def test_one_reference_in_the_list_is_todays_set(sd: StableDiffusion_1) -> None:
     assert np.abs(pixels(single.images) - pixels(listed.images)).max() == 0
 
 
-@pytest.mark.slow
 def test_each_reference_is_its_plain_image_and_chunks_agree(sd: StableDiffusion_1) -> None:
     spec = SetSpec(prompts=TARGETS, reference_prompts=REFERENCES, reference_weights=[2.0, 1.0], width=64, steps=2)
     blended = generate_set(sd, spec)
@@ -81,7 +79,6 @@ def test_each_reference_is_its_plain_image_and_chunks_agree(sd: StableDiffusion_
     assert moved[0] == moved[1] == 0 and moved[2:].min() > 0
 
 
-@pytest.mark.slow
 def test_two_references_in_swap_mode(sd: StableDiffusion_1) -> None:
     style = StyleAlignedOptions(attention_mode="swap")
     spec = SetSpec(prompts=TARGETS[:2], reference_prompts=REFERENCES, width=64, steps=2, style=style)
@@ -100,14 +97,12 @@ def test_two_references_in_swap_mode(sd: StableDiffusion_1) -> None:
         ({"reference_prompts": []}, "at least one prompt"),
     ],
 )
-@pytest.mark.slow
 def test_bad_references_are_clear_errors(sd: StableDiffusion_1, changes: dict[str, Any], message: str) -> None:
     settings: dict[str, Any] = dict(prompts=TARGETS, reference_prompts=REFERENCES, width=64, steps=2)
     with pytest.raises(ValueError, match=message):
         generate_set(sd, SetSpec(**(settings | changes)))
 
 
-@pytest.mark.slow
 def test_generate_command_with_two_references(sd1_converted: Path, tmp_path: Path) -> None:
     out = tmp_path / "set"
     arguments = ["generate", "--model", str(sd1_converted), "--out", str(out), "--size", "64x64", "--steps", "2"]
@@ -137,7 +132,6 @@ def test_generate_command_checks_the_weights_first(tmp_path: Path, capsys: pytes
     assert exit_info.value.code == 2 and "one --reference-weight per --reference-prompt" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_transfer_from_two_images(sd: StableDiffusion_1, sd1_converted: Path, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
@@ -167,7 +161,6 @@ def test_transfer_from_two_images(sd: StableDiffusion_1, sd1_converted: Path, tm
     assert len(sidecar["images"]) == 3 and all((out / name).is_file() for name in sidecar["images"])
 
 
-@pytest.mark.slow
 def test_swap_inject_and_eject_leave_the_unet_bit_identical(sd: StableDiffusion_1) -> None:
     unet = sd.unet
     inputs = models.unet_inputs(unet, batch_size=4)  # [uncond ref, uncond target | cond ref, cond target]

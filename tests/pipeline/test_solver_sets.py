@@ -19,8 +19,6 @@ from style_aligned.pipeline.progress import ProgressEvent
 from style_aligned.pipeline.solvers import image_seed
 from style_aligned.pipeline.spec import SetSpec
 
-pytestmark = pytest.mark.slow
-
 PROMPTS = ["a toy train", "a toy airplane", "a toy bicycle", "a toy car", "a toy boat", "an owl", "a castle", "a cup"]
 
 

@@ -1,7 +1,8 @@
 """The SDXL ControlNet adapter equals diffusers' SDXL ControlNetModel on converted random weights (full size)."""
 
 import shutil
-from pathlib import Path
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -13,8 +14,6 @@ from style_aligned.weights.loading import load_model
 from tests.helpers import diffusers_models as dm
 from tests.helpers import models
 from tests.helpers.compare import assert_close
-
-pytestmark = pytest.mark.slow  # full-size random models
 
 
 def residuals(adapter: SDXLControlnetAdapter, unet: SDXLUNet, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -28,8 +27,9 @@ def residuals(adapter: SDXLControlnetAdapter, unet: SDXLUNet, inputs: dict[str, 
     return list(unet.use_context("unet")["residuals"])
 
 
-def test_sdxl_controlnet_matches_diffusers(tmp_path: Path) -> None:
-    models.release()
+@models.full_size_fixture()
+def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A random diffusers SDXL ControlNet converted to Refiners weights, with its inputs and diffusers' residuals."""
     generator = torch.Generator().manual_seed(4)
     inputs = {
         "x": torch.randn(2, 4, 8, 8, generator=generator),
@@ -39,7 +39,8 @@ def test_sdxl_controlnet_matches_diffusers(tmp_path: Path) -> None:
         "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * 2),
         "condition": torch.rand(2, 3, 64, 64, generator=generator),
     }
-    source = tmp_path / "controlnet-sdxl"
+    folder = tmp_path_factory.mktemp("controlnet-sdxl")
+    source = folder / "diffusers"
     with torch.no_grad():
         controlnet = dm.controlnet("sdxl")
         added = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
@@ -54,9 +55,15 @@ def test_sdxl_controlnet_matches_diffusers(tmp_path: Path) -> None:
         expected = [*down, mid]
         dm.save(controlnet, source)
         del controlnet
-    (file,) = convert(source, tmp_path / "converted")
+    (file,) = convert(source, folder / "converted")
     shutil.rmtree(source)
-    loaded = load_model(file, kind="sdxl_controlnet")
+    yield {"inputs": inputs, "expected": expected, "file": file}
+    shutil.rmtree(folder)
+
+
+def test_sdxl_controlnet_matches_diffusers(source: dict[str, Any]) -> None:
+    inputs, expected = source["inputs"], source["expected"]
+    loaded = load_model(source["file"], kind="sdxl_controlnet")
     with torch.device("meta"):
         unet = SDXLUNet(in_channels=4)
     adapter = SDXLControlnetAdapter(unet, name="depth")

@@ -18,12 +18,10 @@ from tests.helpers import diffusers_models as dm
 from tests.helpers import models
 from tests.helpers.compare import assert_close
 
-pytestmark = pytest.mark.slow  # full-size random models
-
 PROMPTS = ["a toy train. macro photo. 3d game asset", "an owl in a snowy forest, watercolor"]
 
 
-@pytest.fixture(scope="module")
+@models.full_size_fixture()
 def sdxl_source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     models.release()
     root = tmp_path_factory.mktemp("sdxl-diffusers")
@@ -105,7 +103,6 @@ def test_sdxl_sweep_writes_contact_sheet_table_and_plot(sdxl_source: dict[str, A
     assert [float(row["shared_score_shift"]) for row in table] == [0.0, 0.69]
 
 
-@pytest.mark.slow
 def test_sdxl_single_file_is_the_original_layout_and_loads(sdxl_source: dict[str, Any], tmp_path: Any) -> None:
     """The pipeline written as one original-layout file: diffusers' from_single_file reads it back into the source
     models (one at a time), and the project loads it into models that match the source's outputs."""

@@ -134,7 +134,6 @@ GENERATE = [
 ]
 
 
-@pytest.mark.slow
 def test_generate_from_a_hub_id_equals_the_plain_folder(
     sd1_source: dict[str, Any], sd1_cache: Path, tmp_path: Path
 ) -> None:
@@ -149,7 +148,6 @@ def test_generate_from_a_hub_id_equals_the_plain_folder(
     assert sets["hub"] and sets["hub"] == sets["folder"]
 
 
-@pytest.mark.slow
 def test_half_precision_reads_the_fp16_variant(sd1_cache: Path, tmp_path: Path) -> None:
     code = """
 import torch

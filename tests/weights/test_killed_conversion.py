@@ -8,13 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from style_aligned.cli import main as cli
 from tests.helpers.hub_cache import ROOT
 
 
-@pytest.mark.slow
 def test_next_conversion_removes_what_a_killed_one_left(sd1_source: dict[str, Any], tmp_path: Path) -> None:
     destination = tmp_path / "converted"
     code = f"from style_aligned.cli import main; main(['convert', '--from', {str(sd1_source['controlnet'])!r},"

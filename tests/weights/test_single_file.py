@@ -134,7 +134,6 @@ def sd1_single_file(sd1_source: dict[str, Any], tmp_path_factory: pytest.TempPat
     path.unlink()
 
 
-@pytest.mark.slow
 def test_sd1_single_file_is_the_original_layout(sd1_source: dict[str, Any], sd1_single_file: Path) -> None:
     """diffusers' from_single_file reads the file back into the source models, bit for bit."""
     for component, load in oracle_models(sd1_single_file, sd1_source["pipeline"], "sd1").items():
@@ -144,7 +143,6 @@ def test_sd1_single_file_is_the_original_layout(sd1_source: dict[str, Any], sd1_
         gc.collect()
 
 
-@pytest.mark.slow
 def test_sd1_single_file_converts_and_loads(sd1_source: dict[str, Any], sd1_single_file: Path, tmp_path: Path) -> None:
     """Converted by the command line, and loaded on the fly: the models match the source's outputs."""
     destination = tmp_path / "converted"
