@@ -6,10 +6,11 @@ The adapter, the set specs, the command line's option group, the sweep's grid an
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, cast, get_args, get_origin
+from typing import Any, Literal, Union, cast, get_args, get_origin, get_type_hints
 
 import refiners.fluxion.layers as fl
 from refiners.foundationals.latent_diffusion import SD1UNet, SDXLUNet, StableDiffusion_1, StableDiffusion_XL
@@ -36,8 +37,16 @@ def model_kind(model: fl.Module) -> ModelKind:
     raise TypeError(f"expected an SD1 or SDXL U-Net or pipeline, got {type(model).__name__}")
 
 
-def _option(default: Any, help: str) -> Any:
+def setting(default: Any = dataclasses.MISSING, *, help: str, factory: Callable[[], Any] | None = None) -> Any:
+    """A dataclass field with its one-line `help` in its metadata (the front ends show it), and its default or default
+    factory (neither: the field is required)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
     return field(default=default, metadata={"help": help})
+
+
+def _option(default: Any, help: str) -> Any:
+    return setting(default, help=help)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,15 +185,18 @@ class StyleAlignedOptions:
 
 @dataclass(frozen=True, kw_only=True)
 class OptionField:
-    """What the command line, the sweep grid and the app need to know of one option, read from the dataclass.
+    """What the command line, the sweep grid and the app need to know of one field of a settings dataclass (the
+    StyleAligned options, a set's spec), read from the dataclass.
 
     Attributes:
-        name: The option's name.
-        help: Its one-line explanation.
-        kind: The type of its values: `bool`, `int`, `float` or `str` (a choice among `choices`).
-        choices: The allowed values of a `str` option.
+        name: The field's name.
+        help: Its one-line explanation (the `help` of its metadata).
+        kind: The type of its values: `bool`, `int`, `float`, `str` (a choice among `choices`, or text), `Path`
+            (a file, given as text) or a dataclass (an object of fields).
+        choices: The allowed values of a `str` field from a `Literal` type.
         many: Whether it takes a list of values.
-        default: Its default (`None`: the model kind's, or unset).
+        default: Its default (`None`: the model kind's, or unset; a default factory is called).
+        required: Whether it has no default.
     """
 
     name: str
@@ -193,25 +205,47 @@ class OptionField:
     choices: tuple[str, ...] | None
     many: bool
     default: Any
+    required: bool = False
+
+
+def describe_fields(cls: type) -> tuple[OptionField, ...]:
+    """The fields of a settings dataclass that its constructor takes, in order, with their types unpacked (an optional
+    type gives its other type; `str | Path` and other unions with `Path` give `Path`)."""
+    hints = get_type_hints(cls)
+    fields: list[OptionField] = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        annotation: Any = hints[f.name]
+        if get_origin(annotation) in (Union, UnionType):
+            args = [arg for arg in get_args(annotation) if arg is not type(None)]
+            annotation = Path if Path in args else args[0]
+        many = get_origin(annotation) in (tuple, list)
+        if many:
+            annotation = get_args(annotation)[0]
+            if get_origin(annotation) in (Union, UnionType):  # list[str | Path | Image]: paths
+                annotation = Path if Path in get_args(annotation) else get_args(annotation)[0]
+        choices = tuple(str(arg) for arg in get_args(annotation)) if get_origin(annotation) is Literal else None
+        kind: type = str if choices is not None else annotation
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        fields.append(
+            OptionField(
+                name=f.name,
+                help=f.metadata.get("help", ""),
+                kind=kind,
+                choices=choices,
+                many=many,
+                default=None if required else default,
+                required=required,
+            )
+        )
+    return tuple(fields)
 
 
 def option_fields() -> tuple[OptionField, ...]:
     """The fields of `StyleAlignedOptions`, in order, with their types unpacked."""
-    fields: list[OptionField] = []
-    for f in dataclasses.fields(StyleAlignedOptions):
-        annotation: Any = f.type
-        args = [arg for arg in get_args(annotation) if arg is not type(None)]
-        if get_origin(annotation) in (Union, UnionType):
-            annotation = args[0]
-        many = get_origin(annotation) is tuple
-        if many:
-            annotation = get_args(annotation)[0]
-        choices = tuple(str(arg) for arg in get_args(annotation)) if get_origin(annotation) is Literal else None
-        kind: type = str if choices is not None else annotation
-        fields.append(
-            OptionField(name=f.name, help=f.metadata["help"], kind=kind, choices=choices, many=many, default=f.default)
-        )
-    return tuple(fields)
+    return describe_fields(StyleAlignedOptions)
 
 
 BOOLEANS = {"true": True, "on": True, "yes": True, "1": True, "false": False, "off": False, "no": False, "0": False}

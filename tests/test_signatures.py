@@ -1,9 +1,11 @@
 """Public functions, methods and constructors with more than three parameters take the rest by keyword only."""
 
+import ast
 import importlib
 import inspect
 import pkgutil
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import refiners.fluxion.layers as fl
@@ -59,3 +61,25 @@ def test_the_check_sees_the_public_api() -> None:
     assert "style_aligned.pipeline.spec.SetSpec" in names
     assert not too_many_positional(style_aligned.generate_set)
     assert too_many_positional(lambda a, b, c, d: None)  # pyright: ignore[reportUnknownLambdaType]
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def long_functions() -> list[str]:
+    """The functions and methods of the package longer than `MAX_FUNCTION_LINES`, from `def` to the end, docstring
+    included."""
+    package = Path(style_aligned.__file__).parent
+    found: list[str] = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                assert node.end_lineno is not None
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    found.append(f"{path.relative_to(package.parent)}:{node.lineno} {node.name} ({length} lines)")
+    return found
+
+
+def test_no_function_is_longer_than_80_lines() -> None:
+    assert long_functions() == []

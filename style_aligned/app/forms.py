@@ -1,12 +1,12 @@
-"""The page's settings are the commands' own options.
+"""The page's settings are the fields of the specs.
 
-Each setting on the page is made from an option of `generate`, `transfer` or `sweep`: its type, choices, default and
-one-line help are read from the command's parser (the StyleAligned options' help comes from `StyleAlignedOptions`
-through it), and the values on the page become that command's arguments, so a set made from the page is the set the
-command makes with the same options. Showing one more option is one more name in `SET_CONTROLS`.
+Each setting on the page is a field of `SetSpec` or `TransferSpec`, or a StyleAligned option: its type, choices,
+default and one-line help are read from the field (see `spec_fields`), and the values on the page become the values of
+the spec's fields, read by `read_spec` as the command line's options and a manifest's lines are, so a set made from
+the page is the set the command makes with the same options. Showing one more field is one more name in
+`SET_CONTROLS`.
 """
 
-import argparse
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -14,52 +14,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from style_aligned.options import StyleAlignedOptions
+from style_aligned.options import OptionField, StyleAlignedOptions, option_fields
+from style_aligned.pipeline.spec import SetSpec
+from style_aligned.pipeline.spec_fields import parse_size, spec_fields
+from style_aligned.pipeline.transfer import TransferSpec
 
 Command = Literal["generate", "transfer", "sweep"]
 Kind = Literal["text", "int", "float", "choice", "switch", "choices", "list"]
 
+SPECS: dict[Command, type[SetSpec]] = {"generate": SetSpec, "transfer": TransferSpec, "sweep": SetSpec}
+"""The spec each kind of job makes."""
 SET_CONTROLS: tuple[str, ...] = ("negative_prompt", "seed", "steps", "guidance", "size", "chunk_size")
-"""The set options on the page, by the destination of their flag (`--chunk-size` is `chunk_size`)."""
+"""The set's settings on the page: fields of `SetSpec`, and `size` (`WxH`, the width and the height)."""
 STYLE_CONTROLS: tuple[str, ...] = StyleAlignedOptions.names()
 """The StyleAligned options on the page: all of them."""
 TRANSFER_CONTROLS: tuple[str, ...] = ("captions", "fit", "offset", "inversion_guidance")
-"""The options of a reference image on the page."""
+"""The settings of a reference image on the page: its caption, and fields of `TransferSpec`."""
 SWITCH = {"default": None, "on": True, "off": False}
-"""The values of an on/off option whose default is left to the command or the model."""
-
-
-@functools.cache
-def command_parser(command: Command) -> argparse.ArgumentParser:
-    """The parser of a `style-aligned` command."""
-    from style_aligned.cli.generate import add_generate_command
-    from style_aligned.cli.sweep import add_sweep_command
-    from style_aligned.cli.transfer import add_transfer_command
-
-    adders = {"generate": add_generate_command, "transfer": add_transfer_command, "sweep": add_sweep_command}
-    parser = argparse.ArgumentParser(prog=f"style-aligned {command}")
-    adders[command](parser)
-    return parser
-
-
-def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    actions: list[argparse.Action] = parser._actions  # pyright: ignore[reportPrivateUsage] (argparse lists them nowhere else)
-    return {action.dest: action for action in actions if action.option_strings}
+"""The values of an on/off option whose default is left to the spec or the model."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class Control:
-    """One setting on the page, made from a command's option.
+    """One setting on the page, made from a field of a spec or a StyleAligned option.
 
     Attributes:
-        name: The option's destination (`chunk_size` for `--chunk-size`).
-        label: The option as words.
+        name: The field's name (or the page's own: `size`, `captions`).
+        label: The name as words.
         help: Its one-line help.
         kind: How the page asks for it: `text`, `int`, `float`, `choice` (one of `choices`), `switch` (default, on or
             off), `choices` (some of `choices`) or `list` (values separated by commas).
-        default: Its default in the command.
+        default: Its default in the spec (`None`: left to the spec or the model).
         choices: The values of a `choice` or `choices` option.
-        convert: The command's conversion of one value from text.
+        convert: The conversion of one value from text.
     """
 
     name: str
@@ -71,14 +58,14 @@ class Control:
     convert: Callable[[str], Any] = str
 
     def parse(self, value: Any) -> Any:
-        """The command's value for what the page holds (an empty field is the command's default).
+        """The field's value for what the page holds (an empty field is the default).
 
         Raises:
             ValueError: Naming the setting, if the value does not fit it.
         """
         try:
             return self._parse(value)
-        except (ValueError, TypeError, argparse.ArgumentTypeError) as error:
+        except (ValueError, TypeError) as error:
             raise ValueError(f"{self.label}: {error}") from None
 
     def _parse(self, value: Any) -> Any:
@@ -111,40 +98,61 @@ class Control:
         return self.convert(text)
 
 
-def _kind(action: argparse.Action) -> Kind:
-    if isinstance(action, argparse.BooleanOptionalAction):
+def _kind(option: OptionField) -> Kind:
+    if option.kind is bool:
         return "switch"
-    many = action.nargs in ("+", "*")
-    if action.choices is not None:
-        return "choices" if many else "choice"
-    if many:
+    if option.choices is not None:
+        return "choices" if option.many else "choice"
+    if option.many:
         return "list"
-    if action.type is int:
+    if option.kind is int:
         return "int"
-    if action.type is float:
+    if option.kind is float:
         return "float"
     return "text"
 
 
+PAGE_CONTROLS = {
+    "size": Control(
+        name="size",
+        label="size",
+        help="WxH in pixels, multiples of 8 (default: 1024 SDXL, 512 SD1)",
+        kind="text",
+        default=None,
+        convert=parse_size,
+    ),
+    "captions": Control(
+        name="captions",
+        label="captions",
+        help="a caption of the reference image (its prompt)",
+        kind="text",
+        default=None,
+    ),
+}
+"""The settings that are no field as they are: the size (the width and the height) and the reference's caption."""
+
+
 @functools.cache
 def control(command: Command, name: str) -> Control:
-    """The page's setting for an option of a command.
+    """The page's setting for a field of the command's spec, a StyleAligned option (its default left to the spec) or
+    one of `PAGE_CONTROLS`.
 
     Raises:
-        KeyError: If the command has no such option.
+        KeyError: If there is no such setting.
     """
-    parser = command_parser(command)
-    action = _actions(parser)[name]
-    kind = _kind(action)
-    convert: Callable[[str], Any] = action.type if callable(action.type) else str
+    if name in PAGE_CONTROLS:
+        return PAGE_CONTROLS[name]
+    styles = {option.name: option for option in option_fields()}
+    option = styles[name] if name in styles else spec_fields(SPECS[command])[name]
+    kind = _kind(option)
     return Control(
         name=name,
         label=name.replace("_", " "),
-        help=(action.help or "").replace("%%", "%"),
+        help=option.help,
         kind=kind,
-        default=parser.get_default(name),
-        choices=tuple(str(choice) for choice in action.choices or ()),
-        convert=convert,
+        default=None if name in styles else option.default,
+        choices=option.choices or (),
+        convert=option.kind if kind in ("list", "text") and option.kind in (int, float, str) else str,
     )
 
 
@@ -153,33 +161,38 @@ def prompt_lines(text: str | None) -> list[str]:
     return [line.strip() for line in (text or "").splitlines() if line.strip()]
 
 
-def command_args(command: Command, values: Mapping[str, Any], **given: Any) -> argparse.Namespace:
-    """The arguments of a command for the values on the page.
+def spec_values(command: Command, values: Mapping[str, Any], **given: Any) -> dict[str, Any]:
+    """The values of the command's spec fields for the values on the page (see `read_spec`).
 
     Args:
-        command: The command.
-        values: The page's value of each setting, by option name; settings the command lacks are left out.
-        given: Arguments set as they are (prompts, the model, output paths).
-
-    Returns:
-        The command's defaults, with the page's values and `given` in their place.
+        command: The job.
+        values: The page's value of each setting, by name; settings that are no field of the command's spec (nor the
+            size or a StyleAligned option) are left out, and so are empty ones (they take the spec's defaults).
+        given: Values of fields set as they are (the prompts, the references, the LoRAs).
 
     Raises:
         ValueError: Naming the setting, if a value does not fit it.
     """
-    parser = command_parser(command)
-    options = _actions(parser)
-    args = argparse.Namespace(**{name: parser.get_default(name) for name in options})
+    fields = spec_fields(SPECS[command])
+    spec: dict[str, Any] = {}
+    style: dict[str, Any] = {}
     for name, value in values.items():
-        if name in options:
-            setattr(args, name, control(command, name).parse(value))
-    for name, value in given.items():
-        setattr(args, name, value)
-    return args
+        if name not in fields and name not in STYLE_CONTROLS and name != "size":
+            continue
+        parsed = control(command, name).parse(value)
+        if parsed is None:
+            continue
+        if name == "size":
+            spec["width"], spec["height"] = parsed
+        elif name in STYLE_CONTROLS:
+            style[name] = parsed
+        else:
+            spec[name] = parsed
+    return spec | ({"style": style} if style else {}) | given
 
 
-def lora_arguments(text: str | None, folder: Path | None) -> list[str]:
-    """The `--lora` arguments of the page's LoRA field: one `NAME[:SCALE]` per line.
+def lora_values(text: str | None, folder: Path | None) -> list[dict[str, Any]]:
+    """The LoRAs of the page's LoRA field (values of `LoraSpec`): one `NAME[:SCALE]` per line.
 
     NAME is a file in `folder` (resolved inside the LoRA folder given on the command line: the page cannot name any
     other local file) or a file on the Hugging Face Hub, `org/name[@revision]/path/in/repo.safetensors`, fetched into
@@ -190,7 +203,7 @@ def lora_arguments(text: str | None, folder: Path | None) -> list[str]:
     """
     from style_aligned.weights.hub import parse_file_id
 
-    arguments: list[str] = []
+    arguments: list[dict[str, Any]] = []
     for line in prompt_lines(text):
         name, separator, scale = line.rpartition(":")
         if not separator:
@@ -204,10 +217,10 @@ def lora_arguments(text: str | None, folder: Path | None) -> list[str]:
             root = folder.resolve()
             path = (root / name).resolve()
             if path.is_relative_to(root) and path.is_file():
-                arguments.append(f"{path}:{factor:g}")
+                arguments.append({"path": str(path), "scale": factor})
                 continue
         if parse_file_id(name) is not None and name.endswith(".safetensors"):
-            arguments.append(f"{name}:{factor:g}")
+            arguments.append({"path": name, "scale": factor})
             continue
         files = (
             f"a file in the LoRA folder ({', '.join(loras(folder))})" if folder is not None else "a file in --lora-dir"

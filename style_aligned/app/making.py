@@ -1,4 +1,5 @@
-"""What the page's jobs do: sets made as `generate`, `transfer` and `sweep` make them, into new folders under --out.
+"""What the page's jobs do: sets made as `generate`, `transfer` and `sweep` make them (from the same specs and
+inputs, see `read_spec`, `transfer_spec` and `sweep_inputs`), into new folders under --out.
 
 A set is made chunk by chunk: each run denoises the reference with one chunk of targets, and the chunk's images are
 written as soon as they are decoded, so a cancelled set keeps its finished images. With the default chunk size (all
@@ -6,8 +7,8 @@ targets at once) this is exactly the command's run; with smaller chunks the imag
 is denoised once more per chunk.
 """
 
-import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from style_aligned.pipeline.set_files import (
     sidecar,
     write_json,
 )
-from style_aligned.pipeline.spec import GeneratedSet
+from style_aligned.pipeline.spec import GeneratedSet, SetSpec
 
 RunPart = Callable[[list[int], Callable[[ProgressEvent], None], Callable[[Tensor], None] | None], GeneratedSet]
 """Makes some images of a set (the reference first), reporting progress and, if asked, previews of the reference."""
@@ -164,17 +165,15 @@ def _guarded(job: Job, out: Path, folder: Path, make: Callable[[], None], text: 
     finish(job, out, folder, text=text)
 
 
-def make_generate_set(job: Job, sd: Any, args: argparse.Namespace, *, out: Path) -> None:
-    """Make the set that `generate` makes with `args`, into a new folder under `out`."""
-    from style_aligned.cli.generate import generate_spec
+def make_generate_set(job: Job, sd: Any, given: SetSpec, *, model: str, out: Path) -> None:
+    """Make the set that `generate` makes of the spec `given` with `model`, into a new folder under `out`."""
     from style_aligned.pipeline.generate import generate_set
 
-    given = generate_spec(args)
     spec = given.resolved(sd)
     prompts = spec.image_prompts()
     folder = new_set_folder(out, prompts[0])
-    asked = set_request("generate", given, model=str(args.model))
-    details = sidecar("generate", spec, prompts, model=str(args.model), request=asked)
+    asked = set_request("generate", given, model=model)
+    details = sidecar("generate", spec, prompts, model=model, request=asked)
     writer = SetFolder(folder, details, title=set_title("generate", spec.seed))
 
     def run_part(part: list[int], report: Any, preview: Any) -> GeneratedSet:
@@ -214,20 +213,30 @@ def _inversion(
 
 
 def make_transfer_set(
-    job: Job, sd: Any, args: argparse.Namespace, *, out: Path, image: Image.Image, upload: Path, memory: Inversions
+    job: Job,
+    sd: Any,
+    values: Mapping[str, Any],
+    *,
+    model: str,
+    out: Path,
+    image: Image.Image,
+    caption: str,
+    upload: Path,
+    memory: Inversions,
 ) -> None:
-    """Make the set that `transfer` makes with `args` and an uploaded image, into a new folder under `out`.
+    """Make the set that `transfer` makes of the spec's `values` (see `transfer_spec`) with `model` and an uploaded
+    image and its caption, into a new folder under `out`.
 
     The image's inversion is taken from `memory` when it was made for the same image, caption, steps, size, fit and
     guidance; otherwise it is made, saved in the new set's folder and kept in `memory`.
     """
     import hashlib
 
-    from style_aligned.cli.transfer import transfer_details, transfer_request, transfer_spec
     from style_aligned.pipeline.transfer import transfer_set
+    from style_aligned.pipeline.transfer_inputs import TransferReferences, transfer_spec
 
-    caption: str = args.captions[0]
-    spec = transfer_spec(args).resolved(sd)
+    references = TransferReferences(images=[upload], captions=[caption])
+    spec = transfer_spec(values, references).resolved(sd)
     prompts = [caption, *spec.prompts]
     digest = hashlib.sha256(upload.read_bytes()).hexdigest()
     key = (digest, caption, spec.steps, spec.width, spec.height, spec.fit, spec.inversion_guidance)
@@ -237,16 +246,17 @@ def make_transfer_set(
     total = parts_work + (0 if reusable else spec.steps)
     trajectory, reused = _inversion(job, sd, spec, image=image, caption=caption, key=key, memory=memory, total=total)
     folder = new_set_folder(out, f"transfer {caption}")
-    args.images = [keep_upload(upload, folder)]
+    references = replace(references, images=[keep_upload(upload, folder)])
     if reused:
-        args.trajectories = [memory.file]
+        assert memory.file is not None
+        references = replace(references, trajectories=[memory.file])
     else:
         saved = folder / TRAJECTORY_FILE
-        args.save_trajectories = [saved]
+        references = replace(references, save_trajectories=[saved])
         trajectory.save(saved)
         memory.key, memory.trajectory, memory.file = key, trajectory, saved
         memory.count += 1
-    details = transfer_details(args, [trajectory]) | {"request": transfer_request(args, spec)}
+    details = references.details(model, [trajectory]) | {"request": references.request(model, spec)}
     writer = SetFolder(folder, sidecar("transfer", spec, prompts, **details), title=set_title("transfer", spec.seed))
 
     def run_part(part: list[int], report: Any, preview: Any) -> GeneratedSet:
@@ -268,12 +278,11 @@ def make_transfer_set(
     _guarded(job, out, folder, make, f"Done: {len(prompts)} images in {folder} (style transfer)")
 
 
-def make_sweep(job: Job, sd: Any, args: argparse.Namespace, *, out: Path) -> None:
-    """Make the sets that `sweep` makes with `args`, and their contact sheet, into a new folder under `out`."""
-    from style_aligned.cli.sweep import sweep_inputs
+def make_sweep(job: Job, sd: Any, spec: SetSpec, *, settings: list[dict[str, Any]], model: str, out: Path) -> None:
+    """Make the sets that `sweep` makes of `spec` and the grid's `settings` (see `sweep_inputs`) with `model`, and
+    their contact sheet, into a new folder under `out`."""
     from style_aligned.evaluation.sweep import run_sweep
 
-    spec, settings = sweep_inputs(args)
     spec.resolved(sd)  # checked before a folder is made
     folder = new_set_folder(out, "sweep")
     job.update(folder=folder)
@@ -287,7 +296,7 @@ def make_sweep(job: Job, sd: Any, args: argparse.Namespace, *, out: Path) -> Non
         job.check()
 
     try:
-        result = run_sweep(sd, spec, settings, out=folder, progress=report, details={"model": str(args.model)})
+        result = run_sweep(sd, spec, settings, out=folder, progress=report, details={"model": model})
     except Cancelled:
         finished = [path for path in sorted(folder.iterdir()) if (path / "grid.png").is_file()]
         job.update(

@@ -1,8 +1,9 @@
 """The page: a Gradio app to make style-consistent sets without the command line.
 
-The settings on the left are the options of `generate`, `transfer` and `sweep` (see `forms`); the right shows the
-progress, a preview of the reference while it denoises, the set, its grid and a zip of it, or a sweep's contact
-sheet. Jobs run one at a time on the server (see `studio`), each set in a new folder under the output folder.
+The settings on the left are the fields of the sets' specs, as `generate`, `transfer` and `sweep` take them (see
+`forms`); the right shows the progress, a preview of the reference while it denoises, the set, its grid and a zip of
+it, or a sweep's contact sheet. Jobs run one at a time on the server (see `studio`), each set in a new folder under
+the output folder.
 """
 
 import html
@@ -25,14 +26,17 @@ from style_aligned.app.forms import (
     TRANSFER_CONTROLS,
     Command,
     Control,
-    command_args,
     control,
-    lora_arguments,
+    lora_values,
     loras,
     prompt_lines,
+    spec_values,
 )
 from style_aligned.app.making import Inversions, make_generate_set, make_sweep, make_transfer_set
 from style_aligned.app.studio import NUMBERS, Job, JobView, Studio
+from style_aligned.evaluation.sweep import GRID_HELP, sweep_inputs
+from style_aligned.pipeline.spec import SetSpec
+from style_aligned.pipeline.spec_fields import read_spec
 
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
 """The page's fonts: the system's, so that the page fetches nothing from elsewhere."""
@@ -101,178 +105,227 @@ def message_html(text: str) -> str:
     return f"<div class='sa-progress' {state}><span class='sa-progress-text'>{html.escape(text)}</span></div>"
 
 
+class PageParts:
+    """The page's components, made in its layout by `build_page`: the settings on the left, the set and sweep tabs on
+    the right."""
+
+    memory: gr.State
+    """The session's kept inversion (see `Inversions`)."""
+
+    def settings_column(self, settings: PageSettings) -> None:
+        """The prompts, the reference, the set's settings, the StyleAligned options and the LoRAs."""
+        self.prompts = gr.Textbox(label="Prompts, one per line", lines=5, elem_id="prompts")
+        self.reference = gr.Radio(list(REFERENCES), value=REFERENCES[0], label="Reference", elem_id="reference")
+        with gr.Group(visible=False) as self.reference_prompt_group:
+            self.reference_prompt = widget(control("generate", "reference_prompt"))
+        with gr.Group(visible=False) as self.upload_group:
+            self.upload = gr.File(label="Reference image", file_types=["image"], elem_id="upload")
+            self.upload_preview = gr.Image(label="Uploaded image", interactive=False, elem_id="upload-preview")
+            transfer_inputs = {name: widget(control("transfer", name)) for name in TRANSFER_CONTROLS}
+        with gr.Accordion("Set", open=True):
+            set_inputs = {name: widget(control("generate", name)) for name in SET_CONTROLS}
+        with gr.Accordion("StyleAligned options", open=False):
+            style_inputs = {name: widget(control("generate", name)) for name in STYLE_CONTROLS}
+        with gr.Accordion("LoRAs", open=False):
+            available = ", ".join(loras(settings.lora_dir)) or "none"
+            self.lora_text = gr.Textbox(
+                label="LoRAs, one NAME[:SCALE] per line",
+                info=f"files of the LoRA folder ({available})" if settings.lora_dir else "off (see --lora-dir)",
+                lines=2,
+                interactive=settings.lora_dir is not None,
+                elem_id="loras",
+            )
+        self.values: dict[str, Any] = {**set_inputs, **style_inputs, **transfer_inputs}
+
+    def set_tab(self) -> None:
+        """The set's buttons, progress, preview, images, grid and zip."""
+        with gr.Row():
+            self.make = gr.Button("Make the set", variant="primary", elem_id="make")
+            self.cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
+        self.progress = gr.HTML(progress_html(JobView(text="")), elem_id="progress")
+        with gr.Row():
+            self.preview = gr.Image(label="Reference, denoising", interactive=False, elem_id="preview")
+            self.download = gr.File(label="The set as a zip", interactive=False, elem_id="download")
+        self.gallery = gr.Gallery(label="The set", columns=4, elem_id="gallery")
+        self.grid = gr.Image(label="Labelled grid", interactive=False, elem_id="grid")
+
+    def sweep_tab(self) -> None:
+        """The sweep's grid, buttons, progress, contact sheet and zip."""
+        gr.Markdown("One set per setting of a grid of options, with the prompts and settings.")
+        self.sweep_grid = gr.Textbox(
+            label="Grid, one NAME=V1,V2,... per line",
+            info=GRID_HELP,
+            lines=2,
+            elem_id="sweep-grid",
+        )
+        with gr.Row():
+            self.sweep = gr.Button("Run the sweep", variant="primary", elem_id="sweep")
+            self.sweep_cancel = gr.Button("Cancel", variant="stop", elem_id="sweep-cancel")
+        self.sweep_progress = gr.HTML(progress_html(JobView(text="")), elem_id="sweep-progress")
+        self.contact_sheet = gr.Image(label="Contact sheet", interactive=False, elem_id="contact-sheet")
+        self.sweep_download = gr.File(label="The sweep, zipped", interactive=False, elem_id="sweep-download")
+
+    def inputs(self) -> set[Block]:
+        """The components a job reads."""
+        fixed = (self.prompts, self.reference, self.upload, self.lora_text, self.memory, self.reference_prompt)
+        return {*fixed, *self.values.values()}
+
+
+class PageJobs:
+    """What the page's buttons do: read the page into a job, run it in the studio and show its progress."""
+
+    def __init__(self, studio: Studio, settings: PageSettings, parts: PageParts) -> None:
+        self.studio, self.settings, self.parts = studio, settings, parts
+
+    def spec_values(self, data: dict[Any, Any], command: Command) -> dict[str, Any]:
+        """The values of the spec's fields on the page (see `read_spec`)."""
+        parts = self.parts
+        lines = prompt_lines(data[parts.prompts])
+        if not lines:
+            raise ValueError("no prompt: write at least one prompt, one per line")
+        given: dict[str, Any] = {"prompts": lines}
+        if data[parts.reference] == REFERENCES[1]:
+            if not (text := (data[parts.reference_prompt] or "").strip()):
+                raise ValueError("no reference prompt: write one, or choose the first prompt as the reference")
+            given["reference_prompt"] = text
+        if lora := lora_values(data[parts.lora_text], self.settings.lora_dir):
+            given["loras"] = lora
+        page_values = {name: data[component] for name, component in parts.values.items()}
+        return spec_values(command, page_values, **given)
+
+    def set_work(self, data: dict[Any, Any]) -> Callable[[Job, Any], None]:
+        """The job of the set button: a set from the prompts, or a transfer from the uploaded image."""
+        parts, settings = self.parts, self.settings
+        if data[parts.reference] != REFERENCES[2]:
+            spec = read_spec(SetSpec, self.spec_values(data, "generate"))
+            spec.check()
+            return lambda job, sd: make_generate_set(job, sd, spec, model=settings.model, out=settings.out)
+        if not data[parts.upload]:
+            raise ValueError("no reference image: upload one, or choose a prompt as the reference")
+        path = Path(data[parts.upload])
+        values = self.spec_values(data, "transfer")
+        caption = str(control("transfer", "captions").parse(data[parts.values["captions"]]) or "").strip()
+        if not caption:
+            raise ValueError("no caption: describe the reference image in a few words")
+        image = read_upload(path, uploads=settings.uploads, max_bytes=settings.max_upload_bytes)
+        memory: Inversions = data[parts.memory]
+        return lambda job, sd: make_transfer_set(
+            job,
+            sd,
+            values,
+            model=settings.model,
+            out=settings.out,
+            image=image,
+            caption=caption,
+            upload=path,
+            memory=memory,
+        )
+
+    def sweep_work(self, data: dict[Any, Any]) -> Callable[[Job, Any], None]:
+        """The job of the sweep button: one set per setting of the grid."""
+        parts, settings = self.parts, self.settings
+        grid_lines = prompt_lines(data[parts.sweep_grid])
+        if data[parts.reference] == REFERENCES[2]:
+            raise ValueError("a sweep takes its reference from the prompts: choose a prompt as the reference")
+        if not grid_lines:
+            raise ValueError("no grid: give at least one NAME=V1,V2,... line (e.g. shared_score_shift=0,0.69)")
+        spec, grid = sweep_inputs(self.spec_values(data, "sweep"), grid_lines)
+        return lambda job, sd: make_sweep(job, sd, spec, settings=grid, model=settings.model, out=settings.out)
+
+    def run(
+        self,
+        data: dict[Any, Any],
+        request: gr.Request,
+        make_work: Callable[[dict[Any, Any]], Callable[[Job, Any], None]],
+    ) -> Iterator[tuple[Any, ...]]:
+        """Run the job that `make_work` reads from the page, yielding the set outputs that change as it goes."""
+        try:
+            work = make_work(data)
+        except ValueError as error:
+            gr.Warning(str(error))
+            yield message_html(str(error)), *(_skip(),) * 5
+            return
+        job = Job(request.session_hash or "")
+        thread = self.studio.submit(job, work)
+        shown = -1
+        sent: dict[str, Any] = {}
+        try:
+            while True:
+                view = job.wait(shown, timeout=0.5)
+                shown = view.version
+                if view.finished and view.error:
+                    gr.Warning(view.error)
+                yield tuple(_changed(sent, view, job.number, data[self.parts.memory]))
+                if view.finished:
+                    break
+        finally:
+            if not job.view.finished:  # the page went away: stop the job
+                job.cancel()
+                thread.join()
+
+    def make_set(self, data: dict[Any, Any], request: gr.Request) -> Iterator[tuple[Any, ...]]:
+        """The set button."""
+        yield from self.run(data, request, self.set_work)
+
+    def make_sweep(self, data: dict[Any, Any], request: gr.Request) -> Iterator[tuple[Any, ...]]:
+        """The sweep button."""
+        for progress_value, _, _, grid_value, download_value, _ in self.run(data, request, self.sweep_work):
+            yield progress_value, grid_value, download_value
+
+    def cancel(self, request: gr.Request) -> None:
+        """The cancel buttons."""
+        self.studio.cancel(request.session_hash or "")
+
+    def check_upload(self, path: str | None) -> Any:
+        """The uploaded image, shown once read (a bad file is a warning)."""
+        if not path:
+            return None
+        try:
+            return read_upload(path, uploads=self.settings.uploads, max_bytes=self.settings.max_upload_bytes)
+        except ValueError as error:
+            gr.Warning(str(error))
+            return None
+
+    def model_updates(self) -> Iterator[str]:
+        """The model's state, until it is loaded."""
+        while not self.studio.state.loaded.is_set():
+            yield self.studio.model_text()
+            time.sleep(0.5)
+        yield self.studio.model_text()
+
+
+def show_reference(choice: str) -> tuple[Any, Any]:
+    """Show the reference prompt or the upload, as the reference chosen."""
+    return gr.update(visible=choice == REFERENCES[1]), gr.update(visible=choice == REFERENCES[2])
+
+
 def build_page(studio: Studio, settings: PageSettings) -> gr.Blocks:
     """The app's page (a Gradio `Blocks`); launch it with `launch`."""
+    parts = PageParts()
     with gr.Blocks(title="StyleAligned sets", analytics_enabled=False) as page:
         gr.Markdown(INTRODUCTION)
         model_state = gr.Markdown(studio.model_text(), elem_id="model-state")
-        memory = gr.State(Inversions)
+        parts.memory = gr.State(Inversions)
         with gr.Row():
             with gr.Column(scale=2):
-                prompts = gr.Textbox(label="Prompts, one per line", lines=5, elem_id="prompts")
-                reference = gr.Radio(list(REFERENCES), value=REFERENCES[0], label="Reference", elem_id="reference")
-                with gr.Group(visible=False) as reference_prompt_group:
-                    reference_prompt = widget(control("generate", "reference_prompts"))
-                with gr.Group(visible=False) as upload_group:
-                    upload = gr.File(label="Reference image", file_types=["image"], elem_id="upload")
-                    upload_preview = gr.Image(label="Uploaded image", interactive=False, elem_id="upload-preview")
-                    transfer_inputs = {name: widget(control("transfer", name)) for name in TRANSFER_CONTROLS}
-                with gr.Accordion("Set", open=True):
-                    set_inputs = {name: widget(control("generate", name)) for name in SET_CONTROLS}
-                with gr.Accordion("StyleAligned options", open=False):
-                    style_inputs = {name: widget(control("generate", name)) for name in STYLE_CONTROLS}
-                with gr.Accordion("LoRAs", open=False):
-                    available = ", ".join(loras(settings.lora_dir)) or "none"
-                    lora_text = gr.Textbox(
-                        label="LoRAs, one NAME[:SCALE] per line",
-                        info=f"files of the LoRA folder ({available})" if settings.lora_dir else "off (see --lora-dir)",
-                        lines=2,
-                        interactive=settings.lora_dir is not None,
-                        elem_id="loras",
-                    )
-            with gr.Column(scale=3):
-                with gr.Tabs():
-                    with gr.Tab("Set", elem_id="set-tab"):
-                        with gr.Row():
-                            make = gr.Button("Make the set", variant="primary", elem_id="make")
-                            cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
-                        progress = gr.HTML(progress_html(JobView(text="")), elem_id="progress")
-                        with gr.Row():
-                            preview = gr.Image(label="Reference, denoising", interactive=False, elem_id="preview")
-                            download = gr.File(label="The set as a zip", interactive=False, elem_id="download")
-                        gallery = gr.Gallery(label="The set", columns=4, elem_id="gallery")
-                        grid = gr.Image(label="Labelled grid", interactive=False, elem_id="grid")
-                    with gr.Tab("Sweep", elem_id="sweep-tab"):
-                        gr.Markdown("One set per setting of a grid of options, with the prompts and settings.")
-                        sweep_grid = gr.Textbox(
-                            label="Grid, one NAME=V1,V2,... per line",
-                            info=control("sweep", "grid").help,
-                            lines=2,
-                            elem_id="sweep-grid",
-                        )
-                        with gr.Row():
-                            sweep = gr.Button("Run the sweep", variant="primary", elem_id="sweep")
-                            sweep_cancel = gr.Button("Cancel", variant="stop", elem_id="sweep-cancel")
-                        sweep_progress = gr.HTML(progress_html(JobView(text="")), elem_id="sweep-progress")
-                        contact_sheet = gr.Image(label="Contact sheet", interactive=False, elem_id="contact-sheet")
-                        sweep_download = gr.File(label="The sweep, zipped", interactive=False, elem_id="sweep-download")
-
-        values = {**set_inputs, **style_inputs, **transfer_inputs}
-        inputs: set[Block] = {prompts, reference, upload, lora_text, memory, reference_prompt, *values.values()}
-
-        def page_args(data: dict[Any, Any], command: Command, **given: Any) -> Any:
-            lines = prompt_lines(data[prompts])
-            if not lines:
-                raise ValueError("no prompt: write at least one prompt, one per line")
-            page_values = {name: data[component] for name, component in values.items()}
-            references = None
-            if data[reference] == REFERENCES[1]:
-                if not (text := (data[reference_prompt] or "").strip()):
-                    raise ValueError("no reference prompt: write one, or choose the first prompt as the reference")
-                references = [text]
-            loras = lora_arguments(data[lora_text], settings.lora_dir)
-            return command_args(
-                command,
-                page_values,
-                prompts=lines,
-                reference_prompts=references,
-                lora=loras or None,
-                model=settings.model,
-                **given,
-            )
-
-        def set_work(data: dict[Any, Any]) -> Callable[[Job, Any], None]:
-            if data[reference] != REFERENCES[2]:
-                args = page_args(data, "generate")
-                return lambda job, sd: make_generate_set(job, sd, args, out=settings.out)
-            if not data[upload]:
-                raise ValueError("no reference image: upload one, or choose a prompt as the reference")
-            path = Path(data[upload])
-            args = page_args(data, "transfer", images=[path])
-            caption = str(args.captions or "").strip()
-            if not caption:
-                raise ValueError("no caption: describe the reference image in a few words")
-            args.captions = [caption]
-            image = read_upload(path, uploads=settings.uploads, max_bytes=settings.max_upload_bytes)
-            memory_value: Inversions = data[memory]
-            return lambda job, sd: make_transfer_set(
-                job, sd, args, out=settings.out, image=image, upload=path, memory=memory_value
-            )
-
-        def sweep_work(data: dict[Any, Any]) -> Callable[[Job, Any], None]:
-            grid_lines = prompt_lines(data[sweep_grid])
-            if data[reference] == REFERENCES[2]:
-                raise ValueError("a sweep takes its reference from the prompts: choose a prompt as the reference")
-            if not grid_lines:
-                raise ValueError("no grid: give at least one NAME=V1,V2,... line (e.g. shared_score_shift=0,0.69)")
-            args = page_args(data, "sweep", grid=grid_lines, clip=None, dino=None, text_until=None)
-            return lambda job, sd: make_sweep(job, sd, args, out=settings.out)
-
-        def run(
-            data: dict[Any, Any], request: gr.Request, make_work: Callable[[dict[Any, Any]], Callable[[Job, Any], None]]
-        ) -> Iterator[tuple[Any, ...]]:
-            try:
-                work = make_work(data)
-            except ValueError as error:
-                gr.Warning(str(error))
-                yield message_html(str(error)), *(_skip(),) * 5
-                return
-            job = Job(request.session_hash or "")
-            thread = studio.submit(job, work)
-            shown = -1
-            sent: dict[str, Any] = {}
-            try:
-                while True:
-                    view = job.wait(shown, timeout=0.5)
-                    shown = view.version
-                    if view.finished and view.error:
-                        gr.Warning(view.error)
-                    yield tuple(_changed(sent, view, job.number, data[memory]))
-                    if view.finished:
-                        break
-            finally:
-                if not job.view.finished:  # the page went away: stop the job
-                    job.cancel()
-                    thread.join()
-
-        def make_set(data: dict[Any, Any], request: gr.Request) -> Iterator[tuple[Any, ...]]:
-            yield from run(data, request, set_work)
-
-        def make_sweep_set(data: dict[Any, Any], request: gr.Request) -> Iterator[tuple[Any, ...]]:
-            for progress_value, _, _, grid_value, download_value, _ in run(data, request, sweep_work):
-                yield progress_value, grid_value, download_value
-
-        def cancel_job(request: gr.Request) -> None:
-            studio.cancel(request.session_hash or "")
-
-        def show_reference(choice: str) -> tuple[Any, Any]:
-            return gr.update(visible=choice == REFERENCES[1]), gr.update(visible=choice == REFERENCES[2])
-
-        def check_upload(path: str | None) -> Any:
-            if not path:
-                return None
-            try:
-                return read_upload(path, uploads=settings.uploads, max_bytes=settings.max_upload_bytes)
-            except ValueError as error:
-                gr.Warning(str(error))
-                return None
-
-        def model_updates() -> Iterator[str]:
-            while not studio.state.loaded.is_set():
-                yield studio.model_text()
-                time.sleep(0.5)
-            yield studio.model_text()
-
-        set_outputs = [progress, preview, gallery, grid, download, memory]
+                parts.settings_column(settings)
+            with gr.Column(scale=3), gr.Tabs():
+                with gr.Tab("Set", elem_id="set-tab"):
+                    parts.set_tab()
+                with gr.Tab("Sweep", elem_id="sweep-tab"):
+                    parts.sweep_tab()
+        jobs = PageJobs(studio, settings, parts)
+        set_outputs = [parts.progress, parts.preview, parts.gallery, parts.grid, parts.download, parts.memory]
         job_options: dict[str, Any] = {"concurrency_id": "jobs", "concurrency_limit": 1}
-        make.click(make_set, inputs, set_outputs, **job_options)
-        cancel.click(cancel_job, None, None, queue=False)
-        sweep_outputs = [sweep_progress, contact_sheet, sweep_download]
-        sweep.click(make_sweep_set, inputs | {sweep_grid}, sweep_outputs, **job_options)
-        sweep_cancel.click(cancel_job, None, None, queue=False)
-        reference.change(show_reference, reference, [reference_prompt_group, upload_group], queue=False)
-        upload.change(check_upload, upload, upload_preview, concurrency_limit=None)
-        page.load(model_updates, None, model_state, concurrency_limit=None)
+        parts.make.click(jobs.make_set, parts.inputs(), set_outputs, **job_options)
+        parts.cancel.click(jobs.cancel, None, None, queue=False)
+        sweep_outputs = [parts.sweep_progress, parts.contact_sheet, parts.sweep_download]
+        parts.sweep.click(jobs.make_sweep, parts.inputs() | {parts.sweep_grid}, sweep_outputs, **job_options)
+        parts.sweep_cancel.click(jobs.cancel, None, None, queue=False)
+        groups = [parts.reference_prompt_group, parts.upload_group]
+        parts.reference.change(show_reference, parts.reference, groups, queue=False)
+        parts.upload.change(jobs.check_upload, parts.upload, parts.upload_preview, concurrency_limit=None)
+        page.load(jobs.model_updates, None, model_state, concurrency_limit=None)
     return page
 
 

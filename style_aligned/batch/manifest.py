@@ -5,21 +5,16 @@ A line holds an `id` (the set's folder under the output folder), a `kind` (`gene
 `model` and a `split` into shares that run on different workers. See `docs/batch.md`.
 """
 
-import dataclasses
 import json
 import math
 import re
-import types
-import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, cast, get_args, get_origin
+from typing import Any, Literal, cast
 
-from PIL import Image
-
-from style_aligned.options import StyleAlignedOptions
 from style_aligned.pipeline.set_files import set_request
 from style_aligned.pipeline.spec import SetSpec
+from style_aligned.pipeline.spec_fields import convert, read_spec, spec_fields
 from style_aligned.pipeline.transfer import TransferSpec
 
 Kind = Literal["generate", "transfer"]
@@ -164,23 +159,14 @@ def read_line(text: str, number: int, *, base: Path, model: Path | None) -> SetE
         raise ValueError(f"kind must be one of {', '.join(SPECS)}, got {kind!r}")
     kind = cast(Kind, kind)
     spec_type = SPECS[kind]
-    spec_fields = {f.name: f for f in dataclasses.fields(spec_type) if f.init}
-    if kind == "transfer":
-        spec_fields = {name: f for name, f in spec_fields.items() if name not in NOT_FOR_TRANSFER}
-    allowed = [*COMMON_FIELDS, *(TRANSFER_FIELDS if kind == "transfer" else ()), *spec_fields]
+    leave_out = NOT_FOR_TRANSFER if kind == "transfer" else ()
+    names = [name for name in spec_fields(spec_type) if name not in leave_out]
+    allowed = [*COMMON_FIELDS, *(TRANSFER_FIELDS if kind == "transfer" else ()), *names]
     if unknown := [name for name in line if name not in allowed]:
         raise ValueError(f"unknown field {unknown[0]!r} for a {kind} set (fields: {', '.join(allowed)})")
 
-    hints = typing.get_type_hints(spec_type)
-    values: dict[str, Any] = {}
-    for name, value in line.items():
-        if name == "style":
-            values[name] = read_style(value, default=spec_fields["style"])
-        elif name in spec_fields:
-            values[name] = convert(value, hints[name], name, base=base)
-    if "prompts" not in values:
-        raise ValueError("missing field 'prompts' (one prompt per image)")
-    spec = spec_type(**values)
+    given = {name: value for name, value in line.items() if name in names}
+    spec = read_spec(spec_type, given, base=base, leave_out=leave_out)
 
     split = convert(line.get("split", 1), int, "split", base=base)
     if split < 1:
@@ -225,91 +211,3 @@ def check(entry: SetEntry) -> None:
     spec.resolved("sd1")
     if entry.split > 1 and entry.num_targets < entry.split:
         raise ValueError(f"split {entry.split} needs at least {entry.split} targets, this set has {entry.num_targets}")
-
-
-def read_style(value: object, *, default: dataclasses.Field[Any]) -> StyleAlignedOptions:
-    """Read a `style` object: changes to the kind's default options (a transfer's are the transfer example's)."""
-    if not isinstance(value, dict):
-        raise ValueError(f"style must be an object of StyleAlignedOptions, got {json.dumps(value)}")
-    changes = cast(dict[str, Any], value)
-    hints = typing.get_type_hints(StyleAlignedOptions)
-    converted = {
-        name: convert(v, hints[name], f"style.{name}", base=Path()) if name in hints else v
-        for name, v in changes.items()
-    }
-    assert default.default_factory is not dataclasses.MISSING
-    base = cast(StyleAlignedOptions, default.default_factory())
-    return StyleAlignedOptions.from_dict({**base.to_dict(), **converted})
-
-
-def convert(value: object, annotation: Any, where: str, *, base: Path) -> Any:
-    """Check a JSON value against a field's type and convert it (paths are taken from `base`).
-
-    Raises:
-        ValueError: Naming the field and what it takes.
-    """
-    origin, args = get_origin(annotation), get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = [arg for arg in args if arg is not type(None) and arg is not Image.Image]
-        if value is None and type(None) in args:
-            return None
-        if Path in options:  # str | Path: a path
-            return convert(value, Path, where, base=base)
-        if len(options) == 1:
-            return convert(value, options[0], where, base=base)
-        raise TypeError(f"{where}: a field of type {annotation} cannot be read from a manifest")
-    if annotation is Path:
-        if not isinstance(value, str) or not value:
-            raise ValueError(f"{where} must be a path, got {json.dumps(value)}")
-        return (base / Path(value).expanduser()).absolute()
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{where} must be true or false, got {json.dumps(value)}")
-        return value
-    if annotation is int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ValueError(f"{where} must be a whole number, got {json.dumps(value)}")
-        return value
-    if annotation is float:
-        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-            raise ValueError(f"{where} must be a number, got {json.dumps(value)}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{where} must be a string, got {json.dumps(value)}")
-        return value
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{where} must be one of {', '.join(map(json.dumps, args))}, got {json.dumps(value)}")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, list):
-            raise ValueError(f"{where} must be a list, got {json.dumps(value)}")
-        items = [
-            convert(item, args[0], f"{where}[{index}]", base=base) for index, item in enumerate(cast(list[Any], value))
-        ]
-        return items if origin is list else tuple(items)
-    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
-        return convert_dataclass(value, annotation, where, base=base)
-    raise TypeError(f"{where}: a field of type {annotation} cannot be read from a manifest")
-
-
-def convert_dataclass(value: object, annotation: type[Any], where: str, *, base: Path) -> Any:
-    """Read an object into a dataclass (a ControlNet, a LoRA, an IP-Adapter), naming unknown and missing fields."""
-    if not isinstance(value, dict):
-        raise ValueError(f"{where} must be an object, got {json.dumps(value)}")
-    given = cast(dict[str, Any], value)
-    fields = {f.name: f for f in dataclasses.fields(annotation)}
-    if unknown := [name for name in given if name not in fields]:
-        raise ValueError(f"unknown field {where}.{unknown[0]} (fields: {', '.join(fields)})")
-    required = [
-        name
-        for name, f in fields.items()
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    if missing := [name for name in required if name not in given]:
-        raise ValueError(f"missing field {where}.{missing[0]}")
-    hints = typing.get_type_hints(annotation)
-    return annotation(
-        **{name: convert(item, hints[name], f"{where}.{name}", base=base) for name, item in given.items()}
-    )

@@ -10,13 +10,13 @@ from style_aligned.cli.options import (
     add_style_options,
     check_files,
     check_out,
+    default_help,
+    given,
     load_model,
     say_complete,
-    set_fields,
-    style_options,
+    set_values,
     write_set,
 )
-from style_aligned.options import StyleAlignedOptions
 
 if TYPE_CHECKING:
     from style_aligned.pipeline.spec import SetSpec
@@ -29,6 +29,7 @@ def generate_spec(args: argparse.Namespace) -> "SetSpec":
         ValueError: If an option is out of range.
     """
     from style_aligned.pipeline.spec import SetSpec
+    from style_aligned.pipeline.spec_fields import read_spec
 
     references: list[str] = args.reference_prompts or []
     weights: list[float] | None = args.reference_weights
@@ -36,13 +37,12 @@ def generate_spec(args: argparse.Namespace) -> "SetSpec":
         raise ValueError(
             f"give one --reference-weight per --reference-prompt: {len(weights)} for {len(references)} references"
         )
-    spec = SetSpec(
-        **set_fields(args),
-        reference_prompt=references[0] if len(references) == 1 else None,
-        reference_prompts=references if len(references) > 1 else None,
-        reference_weights=weights,
-        style=StyleAlignedOptions.from_dict(style_options(args)),
-    )
+    values = set_values(args) | given(args, ("reference_weights",))
+    if len(references) == 1:
+        values["reference_prompt"] = references[0]
+    elif references:
+        values["reference_prompts"] = references
+    spec = read_spec(SetSpec, values)
     spec.check()
     return spec
 
@@ -69,6 +69,8 @@ def run_generate(args: argparse.Namespace) -> None:
 
 
 def add_generate_command(parser: argparse.ArgumentParser) -> None:
+    from style_aligned.pipeline.spec import SetSpec
+
     parser.description = (
         "Generate a style-consistent set: the first image (--reference-prompt, or the first --prompt) is the"
         " reference, the others share its style (with several --reference-prompt, they blend the references'"
@@ -89,7 +91,7 @@ def add_generate_command(parser: argparse.ArgumentParser) -> None:
         type=float,
         action="append",
         metavar="W",
-        help="relative weight of each --reference-prompt, in order (default: equal); a log-weight on its logits",
+        help=default_help(SetSpec, "reference_weights"),
     )
     add_style_options(parser)
     add_extras_options(parser)

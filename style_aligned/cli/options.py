@@ -1,14 +1,15 @@
 """The option groups that the commands share, and what they turn into: specs, models, progress, set files."""
 
 import argparse
+import dataclasses
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from style_aligned.options import StyleAlignedOptions, option_fields
+from style_aligned.options import StyleAlignedOptions, describe_fields, option_fields
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -16,11 +17,12 @@ DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 
 def size(text: str) -> tuple[int, int]:
     """Parse `WxH` (or `N` for a square) into (width, height)."""
+    from style_aligned.pipeline.spec_fields import parse_size
+
     try:
-        width, _, height = text.lower().partition("x")
-        return int(width), int(height or width)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, e.g. 1024x1024, got {text!r}") from None
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -38,22 +40,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_style_options(parser: argparse.ArgumentParser) -> None:
-    """The StyleAligned options, one flag per field of `StyleAlignedOptions`; unset ones keep the command's defaults."""
+    """The StyleAligned options, one flag per field of `StyleAlignedOptions`; unset ones keep the command's defaults
+    (which differ between commands: their defaults are in the help of the commands, not of the flags)."""
     group = parser.add_argument_group("StyleAligned options (docs/parameters.md)")
-    for option in option_fields():
-        flag = f"--{option.name.replace('_', '-')}"
-        if option.kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=option.help)
-        else:
-            group.add_argument(
-                flag,
-                type=option.kind,
-                choices=option.choices,
-                nargs="+" if option.many else None,
-                default=None,
-                metavar=None if option.choices else option.name.rsplit("_", 1)[-1].upper(),
-                help=option.help,
-            )
+    metavars = {option.name: option.name.rsplit("_", 1)[-1].upper() for option in option_fields() if not option.choices}
+    add_field_options(group, StyleAlignedOptions, StyleAlignedOptions.names(), metavars=metavars, show_defaults=False)
 
 
 def style_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -61,37 +52,76 @@ def style_options(args: argparse.Namespace) -> dict[str, Any]:
     return {name: value for name in StyleAlignedOptions.names() if (value := getattr(args, name, None)) is not None}
 
 
+SET_FLAGS = ("negative_prompt", "seed", "steps", "guidance", "solver", "timestep_spacing", "chunk_size")
+"""The set options that are fields of `SetSpec` as they are (`--prompt`, `--size` and the extras have their own
+syntax)."""
+
+
+def default_text(default: Any) -> str:
+    """How a field's default is shown after its help (nothing for a default left to the model kind, or empty)."""
+    if default is None or default == "" or isinstance(default, list | tuple | dict):
+        return ""
+    return f" (default: {default:g})" if isinstance(default, float) else f" (default: {default})"
+
+
+def add_field_options(
+    group: Any,
+    spec_type: type,
+    names: Sequence[str],
+    *,
+    metavars: Mapping[str, str] | None = None,
+    required: Collection[str] = (),
+    show_defaults: bool = True,
+) -> None:
+    """One flag per field of a spec (`--chunk-size` for `chunk_size`), its type, choices and help (with the field's
+    default, if `show_defaults`) read from the field; the default is `None`, so that only the options given enter the
+    spec's values (see `given`)."""
+    fields = {option.name: option for option in describe_fields(spec_type)}
+    for name in names:
+        option = fields[name]
+        flag = f"--{name.replace('_', '-')}"
+        help = (option.help + (default_text(option.default) if show_defaults else "")).replace("%", "%%")
+        if option.kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+            continue
+        group.add_argument(
+            flag,
+            type=option.kind,
+            choices=option.choices,
+            nargs="+" if option.many else None,
+            default=None,
+            metavar=(metavars or {}).get(name),
+            required=name in required,
+            help=help,
+        )
+
+
+def given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    """The options given on the command line among `names`, by name (those left out take the spec's defaults)."""
+    return {name: value for name in names if (value := getattr(args, name, None)) is not None}
+
+
 def add_set_options(parser: argparse.ArgumentParser) -> None:
+    from style_aligned.pipeline.spec import SetSpec
+
     group = parser.add_argument_group("set")
-    group.add_argument("--prompt", dest="prompts", action="append", required=True, help="one per image (repeat)")
-    group.add_argument("--negative-prompt", default="", help="negative prompt of every image")
-    group.add_argument("--seed", type=int, default=0, help="seed of the initial noise (image i gets its i-th draw)")
-    group.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
-    group.add_argument(
-        "--guidance",
-        type=float,
-        default=None,
-        help="default: 5 (SDXL), 7.5 (SD1); 1 or less: no classifier-free guidance",
-    )
-    group.add_argument(
-        "--solver",
-        choices=["ddim", "dpm", "euler", "lcm"],
-        default="ddim",
-        help="ddim (default: the reference examples' DDIM), dpm (DPM-Solver++ 2M), euler, lcm",
-    )
-    group.add_argument(
-        "--timestep-spacing",
-        choices=["leading", "trailing", "linspace"],
-        default=None,
-        help="timesteps over the schedule (default: the solver's own; trailing for Lightning and Turbo models)",
-    )
+    prompts = default_help(SetSpec, "prompts")
+    group.add_argument("--prompt", dest="prompts", action="append", required=True, help=f"{prompts} (repeat)")
+    add_field_options(group, SetSpec, SET_FLAGS, metavars={"chunk_size": "N"})
     group.add_argument("--size", type=size, default=None, metavar="WxH", help="default: 1024 (SDXL), 512 (SD1)")
-    group.add_argument("--chunk-size", type=int, default=None, metavar="N", help="targets per batch (default: all)")
     group.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write the images")
     group.add_argument("--overwrite", action="store_true", help="replace the set already in --out (it must be one)")
 
 
+def default_help(spec_type: type, name: str) -> str:
+    """The help of a field of a spec or of a part of it, with its default."""
+    option = next(option for option in describe_fields(spec_type) if option.name == name)
+    return option.help + default_text(option.default)
+
+
 def add_extras_options(parser: argparse.ArgumentParser) -> None:
+    from style_aligned.pipeline.composition import ControlSpec, IPAdapterSpec
+
     group = parser.add_argument_group("ControlNet, LoRA, IP-Adapter")
     group.add_argument(
         "--controlnet", metavar="FILE", help="a ControlNet converted by `convert` (a file, or org/name/path on the Hub)"
@@ -99,7 +129,8 @@ def add_extras_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--control", type=Path, action="append", metavar="IMAGE", help="control image: one for all targets or one per"
     )
-    group.add_argument("--control-scale", type=float, default=1.0, metavar="S", help="ControlNet scale (default: 1)")
+    control_scale = f"ControlNet scale{default_text(default_of(ControlSpec, 'scale'))}"
+    group.add_argument("--control-scale", type=float, default=None, metavar="S", help=control_scale)
     group.add_argument(
         "--lora", action="append", metavar="FILE[:SCALE]", help="a LoRA (file or org/name/path on the Hub), its scale"
     )
@@ -110,54 +141,56 @@ def add_extras_options(parser: argparse.ArgumentParser) -> None:
         "--ip-adapter-encoder", metavar="FILE", help="its CLIP ViT-H image encoder (transformers or Refiners layout)"
     )
     group.add_argument("--ip-adapter-image", type=Path, metavar="IMAGE", help="the image prompt")
-    group.add_argument("--ip-adapter-scale", type=float, default=1.0, metavar="S", help="IP-Adapter scale")
+    ip_scale = f"IP-Adapter scale{default_text(default_of(IPAdapterSpec, 'scale'))}"
+    group.add_argument("--ip-adapter-scale", type=float, default=None, metavar="S", help=ip_scale)
 
 
-def lora(text: str) -> Any:
-    from style_aligned.pipeline.composition import LoraSpec
+def default_of(cls: type, name: str) -> Any:
+    """The default of a field of a dataclass."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
+
+def lora(text: str) -> dict[str, Any]:
+    """A LoRA given as `FILE[:SCALE]`, as the values of a `LoraSpec`."""
     path, _, scale = text.rpartition(":")
     try:
-        return LoraSpec(path, float(scale)) if path else LoraSpec(text)
+        return {"path": path, "scale": float(scale)} if path else {"path": text}
     except ValueError:
-        return LoraSpec(text)
+        return {"path": text}
 
 
 def extras(args: argparse.Namespace) -> dict[str, Any]:
-    """The controls, LoRAs and IP-Adapter given on the command line, as `SetSpec` fields."""
-    from style_aligned.pipeline.composition import ControlSpec, IPAdapterSpec
-
+    """The controls, LoRAs and IP-Adapter given on the command line, as values of `SetSpec` fields."""
     if bool(args.controlnet) != bool(args.control):
         raise ValueError("a ControlNet needs both --controlnet FILE and at least one --control IMAGE")
     weights, encoder, image = args.ip_adapter, args.ip_adapter_encoder, args.ip_adapter_image
     if (weights or encoder or image) and not (weights and encoder and image):
         raise ValueError("an IP-Adapter needs --ip-adapter, --ip-adapter-encoder and --ip-adapter-image")
-    loras: list[str] = args.lora or []
-    return {
-        "controls": [ControlSpec(args.controlnet, list(args.control), args.control_scale)] if args.controlnet else [],
-        "loras": [lora(text) for text in loras],
-        "ip_adapter": IPAdapterSpec(weights=weights, image_encoder=encoder, image=image, scale=args.ip_adapter_scale)
-        if weights
-        else None,
-    }
+    values: dict[str, Any] = {}
+    if args.controlnet:
+        control = {"weights": args.controlnet, "images": [str(path) for path in args.control]}
+        values["controls"] = [control | _scale(args.control_scale)]
+    if args.lora:
+        values["loras"] = [lora(text) for text in args.lora]
+    if weights:
+        adapter = {"weights": weights, "image_encoder": encoder, "image": str(image)}
+        values["ip_adapter"] = adapter | _scale(args.ip_adapter_scale)
+    return values
 
 
-def set_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """The `SetSpec` fields of the set and extras options (all but `reference_prompt` and `style`)."""
-    width, height = args.size or (None, None)
-    return {
-        "prompts": args.prompts,
-        "negative_prompt": args.negative_prompt,
-        "seed": args.seed,
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "solver": args.solver,
-        "timestep_spacing": args.timestep_spacing,
-        "width": width,
-        "height": height,
-        "chunk_size": args.chunk_size,
-        **extras(args),
-    }
+def _scale(scale: float | None) -> dict[str, float]:
+    return {} if scale is None else {"scale": scale}
+
+
+def set_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The values of the `SetSpec` fields given by the set, StyleAligned and extras options (all but the
+    references)."""
+    values = given(args, ("prompts", *SET_FLAGS))
+    if args.size is not None:
+        values["width"], values["height"] = args.size
+    if style := style_options(args):
+        values["style"] = style
+    return values | extras(args)
 
 
 def check_out(out: Path, asked: dict[str, Any], overwrite: bool) -> bool:
@@ -204,7 +237,7 @@ def check_files(args: argparse.Namespace) -> None:
     if missing := [str(path) for path in images if not path.is_file()]:
         raise FileNotFoundError(f"no such image: {', '.join(missing)}")
     loras: list[str] = getattr(args, "lora", None) or []
-    weights = [lora(text).path for text in loras]
+    weights = [lora(text)["path"] for text in loras]
     weights += [getattr(args, name, None) for name in ("controlnet", "ip_adapter", "ip_adapter_encoder")]
     for reference in filter(None, weights):
         if not Path(reference).exists() and parse_file_id(str(reference)) is None:

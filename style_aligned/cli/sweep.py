@@ -4,31 +4,32 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from style_aligned.cli.options import (
     ProgressBar,
     add_extras_options,
+    add_field_options,
     add_model_options,
     add_set_options,
     add_style_options,
     check_files,
     check_out,
+    given,
     load_model,
-    set_fields,
-    style_options,
+    set_values,
 )
 from style_aligned.evaluation.scoring import CLIP_EXAMPLE, DINO_EXAMPLE
-from style_aligned.evaluation.sweep import OPTIONS, parse_grid, run_sweep
-from style_aligned.options import StyleAlignedOptions
+from style_aligned.evaluation.sweep import GRID_HELP, run_sweep, sweep_inputs
 from style_aligned.weights.hub import parse_repo_id
 
 if TYPE_CHECKING:
-    from style_aligned.pipeline.spec import SetSpec
+    pass
 
 
 def add_sweep_command(parser: argparse.ArgumentParser) -> None:
     """Configure `parser` as the `sweep` command (`args.command` is `run_sweep_command`)."""
+    from style_aligned.pipeline.spec import SetSpec
 
     parser.description = (
         "Generate one prompt set per setting of a grid of StyleAligned options, into OUT/NN-<setting>/ (each a set"
@@ -38,14 +39,14 @@ def add_sweep_command(parser: argparse.ArgumentParser) -> None:
     )
     add_model_options(parser)
     add_set_options(parser)
-    parser.add_argument("--reference-prompt", help="prompt of an extra reference image placed first")
+    add_field_options(parser, SetSpec, ("reference_prompt",))
     group = parser.add_argument_group("sweep")
     group.add_argument(
         "--grid",
         action="append",
         required=True,
         metavar="NAME=V1,V2,...",
-        help=f"an option and its values (repeat; all combinations are generated); NAME: {', '.join(OPTIONS)}",
+        help=GRID_HELP,
     )
     group.add_argument(
         "--score", action="store_true", help=f"score the sets (default scorers: {CLIP_EXAMPLE}, {DINO_EXAMPLE})"
@@ -58,28 +59,10 @@ def add_sweep_command(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(command=run_sweep_command)
 
 
-def sweep_inputs(args: argparse.Namespace) -> tuple["SetSpec", list[dict[str, Any]]]:
-    """The set and the settings of the grid that `sweep` makes from its options.
-
-    Raises:
-        ValueError: If the grid is malformed or varies an option also given as a fixed one.
-    """
-    from style_aligned.pipeline.spec import SetSpec
-
-    settings = parse_grid(args.grid)
-    fixed = style_options(args)
-    if both := [name for name in settings[0] if name in fixed]:
-        raise ValueError(f"{', '.join(both)} given both as a fixed option and in --grid: give each in one place")
-    spec = SetSpec(
-        **set_fields(args), reference_prompt=args.reference_prompt, style=StyleAlignedOptions.from_dict(fixed)
-    )
-    spec.check()
-    return spec, settings
-
-
 def run_sweep_command(args: argparse.Namespace) -> None:
     """Run the `sweep` command: check the grid and the scorers, load the model, sweep, print the table."""
-    spec, settings = sweep_inputs(args)  # everything that can be checked before the model is read
+    values = set_values(args) | given(args, ("reference_prompt",))
+    spec, settings = sweep_inputs(values, args.grid)  # everything that can be checked before the model is read
     if args.score or args.clip or args.dino:
         args.clip, args.dino = args.clip or CLIP_EXAMPLE, args.dino or DINO_EXAMPLE
     for name in (args.clip, args.dino):

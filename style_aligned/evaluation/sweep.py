@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 OPTIONS = tuple(option.name for option in option_fields() if not option.many)
 """The StyleAligned options a grid can vary (those that take one value)."""
+GRID_HELP = f"an option and its values (repeat; all combinations are generated); NAME: {', '.join(OPTIONS)}"
+"""What a line of a grid holds."""
 CONTACT_SHEET, SUMMARY, PLOT = "contact-sheet.png", "sweep.json", "sweep.png"
 CSV_TABLE, MARKDOWN_TABLE = "sweep.csv", "sweep.md"
 MARGIN = 8
@@ -68,6 +70,24 @@ def parse_grid(items: Sequence[str]) -> list[dict[str, Any]]:
             raise ValueError(f"{item!r} repeats a value")
         axes[name] = parsed
     return [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+
+
+def sweep_inputs(values: Mapping[str, Any], grid: Sequence[str]) -> tuple["SetSpec", list[dict[str, Any]]]:
+    """The set of a sweep (its values, see `read_spec`) and the settings of its grid (see `parse_grid`), checked.
+
+    Raises:
+        ValueError: If the grid is malformed, varies an option also given as a fixed one, or a value is out of range.
+    """
+    from style_aligned.pipeline.spec import SetSpec
+    from style_aligned.pipeline.spec_fields import read_spec
+
+    settings = parse_grid(grid)
+    fixed: Mapping[str, Any] = values.get("style", {})
+    if both := [name for name in settings[0] if name in fixed]:
+        raise ValueError(f"{', '.join(both)} given both as a fixed option and in --grid: give each in one place")
+    spec = read_spec(SetSpec, values)
+    spec.check()
+    return spec, settings
 
 
 def _text(value: Any) -> str:

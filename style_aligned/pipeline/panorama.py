@@ -22,14 +22,14 @@ from refiners.foundationals.latent_diffusion.multi_diffusion import DiffusionTar
 from torch import Tensor
 
 from style_aligned.adapters.style_aligned_adapter import StyleAlignedAdapter
-from style_aligned.options import ModelKind, StyleAlignedOptions, model_kind
+from style_aligned.options import ModelKind, StyleAlignedOptions, model_kind, setting
 from style_aligned.pipeline.conditioning import SetConditioning
 from style_aligned.pipeline.images import Fit
 from style_aligned.pipeline.inversion import ReferenceTrajectory, encode_image, invert
 from style_aligned.pipeline.model import StableDiffusion, autoencoder_in_float32
 from style_aligned.pipeline.progress import Preview, Progress, ProgressEvent
 from style_aligned.pipeline.solvers import ddim
-from style_aligned.pipeline.spec import DEFAULT_GUIDANCE, DEFAULT_SIZE
+from style_aligned.pipeline.spec import DEFAULT_GUIDANCE, DEFAULT_SIZE, DEFAULT_STEPS
 from style_aligned.pipeline.transfer import INVERSION_GUIDANCE, OFFSET
 
 DEFAULT_PANORAMA: dict[ModelKind, tuple[int, int]] = {"sd1": (2048, 512), "sdxl": (4096, 1024)}
@@ -65,22 +65,26 @@ class PanoramaSpec:
         fit: With `reference_image`: how it is fitted to the view size, `"crop"` or `"resize"`.
     """
 
-    prompt: str
-    reference_prompt: str
-    reference_image: str | Path | Image.Image | None = None
-    negative_prompt: str = ""
-    seed: int = 0
-    steps: int = 50
-    guidance: float | None = None
-    width: int | None = None
-    height: int | None = None
-    view_size: int | None = None
-    stride: int | None = None
-    view_batch: int = DEFAULT_VIEW_BATCH
-    style: StyleAlignedOptions = field(default_factory=StyleAlignedOptions)
-    offset: int = OFFSET
-    inversion_guidance: float = INVERSION_GUIDANCE
-    fit: Fit = "crop"
+    prompt: str = setting(help="prompt of the panorama")
+    reference_prompt: str = setting(help="prompt of the reference image (the caption of a reference image)")
+    reference_image: str | Path | Image.Image | None = setting(
+        None, help="a real reference image, inverted with DDIM (instead of generating the reference)"
+    )
+    negative_prompt: str = setting("", help="negative prompt of the reference and the panorama")
+    seed: int = setting(0, help="seed of the initial noise (the reference's first, then the canvas's)")
+    steps: int = setting(DEFAULT_STEPS, help="DDIM steps")
+    guidance: float | None = setting(None, help="classifier-free guidance (default: 5 SDXL, 7.5 SD1)")
+    width: int | None = setting(None, help="panorama width in pixels (default: 2048 SD1, 4096 SDXL)")
+    height: int | None = setting(None, help="panorama height in pixels (default: 512 SD1, 1024 SDXL)")
+    view_size: int | None = setting(None, help="square view side (default: 512 SD1, 1024 SDXL)")
+    stride: int | None = setting(None, help="step between views (default: 64 SD1, 128 SDXL)")
+    view_batch: int = setting(DEFAULT_VIEW_BATCH, help="views per U-Net call")
+    style: StyleAlignedOptions = setting(
+        help="how the views share the reference's style (StyleAligned options)", factory=StyleAlignedOptions
+    )
+    offset: int = setting(OFFSET, help="trajectory index the reference starts from")
+    inversion_guidance: float = setting(INVERSION_GUIDANCE, help="guidance of the inversion")
+    fit: Fit = setting("crop", help="fit the reference image to the view size: cover and crop, or stretch (resize)")
 
     def resolved(self, sd: StableDiffusion) -> "PanoramaSpec":
         """This spec with the model's defaults filled in, checked.

@@ -1,12 +1,12 @@
 """What a set is: `SetSpec`, its defaults per model kind, and the images it makes (`GeneratedSet`)."""
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from PIL import Image
 from refiners.foundationals.latent_diffusion.solvers import Solver
 
 from style_aligned.layers.reference_cache import mixture_weights
-from style_aligned.options import ModelKind, StyleAlignedOptions, model_kind
+from style_aligned.options import ModelKind, StyleAlignedOptions, model_kind, setting
 from style_aligned.pipeline.composition import ControlSpec, Extras, IPAdapterSpec, LoraSpec
 from style_aligned.pipeline.model import StableDiffusion
 from style_aligned.pipeline.plan import SetPlan
@@ -16,6 +16,8 @@ DEFAULT_SIZE: dict[ModelKind, int] = {"sdxl": 1024, "sd1": 512}
 """The image size of the reference examples, in pixels (square)."""
 DEFAULT_GUIDANCE: dict[ModelKind, float] = {"sdxl": 5.0, "sd1": 7.5}
 """The classifier-free guidance scale of the reference examples."""
+DEFAULT_STEPS = 50
+"""The denoising steps of the reference examples."""
 
 
 @dataclass(kw_only=True)
@@ -47,23 +49,35 @@ class SetSpec:
         timestep_spacing: `"leading"`, `"trailing"` or `"linspace"` (default: the solver's own; DDIM's is leading).
     """
 
-    prompts: list[str]
-    reference_prompt: str | None = None
-    reference_prompts: list[str] | None = None
-    reference_weights: list[float] | None = None
-    negative_prompt: str = ""
-    seed: int = 0
-    steps: int = 50
-    guidance: float | None = None
-    width: int | None = None
-    height: int | None = None
-    chunk_size: int | None = None
-    style: StyleAlignedOptions = field(default_factory=StyleAlignedOptions)
-    controls: list[ControlSpec] = field(default_factory=lambda: [])
-    loras: list[LoraSpec] = field(default_factory=lambda: [])
-    ip_adapter: IPAdapterSpec | None = None
-    solver: SolverName = "ddim"
-    timestep_spacing: Spacing | None = None
+    prompts: list[str] = setting(help="one prompt per image")
+    reference_prompt: str | None = setting(None, help="prompt of an extra reference image placed first")
+    reference_prompts: list[str] | None = setting(
+        None, help="prompts of several reference images placed first, whose styles the targets blend"
+    )
+    reference_weights: list[float] | None = setting(
+        None, help="relative weight of each reference, in order (default: equal); a log-weight on its logits"
+    )
+    negative_prompt: str = setting("", help="negative prompt of every image")
+    seed: int = setting(0, help="seed of the initial noise (image i gets its i-th draw)")
+    steps: int = setting(DEFAULT_STEPS, help="denoising steps")
+    guidance: float | None = setting(
+        None, help="classifier-free guidance (default: 5 SDXL, 7.5 SD1); 1 or less: no classifier-free guidance"
+    )
+    width: int | None = setting(None, help="image width in pixels, a multiple of 8 (default: 1024 SDXL, 512 SD1)")
+    height: int | None = setting(None, help="image height in pixels, a multiple of 8 (default: as the width)")
+    chunk_size: int | None = setting(None, help="targets per batch (default: all)")
+    style: StyleAlignedOptions = setting(
+        help="how the images share the reference's style (StyleAligned options)", factory=StyleAlignedOptions
+    )
+    controls: list[ControlSpec] = setting(help="ControlNets guiding the targets", factory=lambda: [])
+    loras: list[LoraSpec] = setting(help="LoRAs applied while the set is made", factory=lambda: [])
+    ip_adapter: IPAdapterSpec | None = setting(None, help="an IP-Adapter image prompt for every image")
+    solver: SolverName = setting(
+        "ddim", help="ddim (the reference examples' DDIM), dpm (DPM-Solver++ 2M), euler or lcm"
+    )
+    timestep_spacing: Spacing | None = setting(
+        None, help="timesteps over the schedule (default: the solver's own; trailing for Lightning and Turbo models)"
+    )
 
     @property
     def classifier_free_guidance(self) -> bool:

@@ -1,13 +1,13 @@
 """Style transfer from a real image: the reference row follows the image's DDIM inversion trajectory."""
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
 from torch import Tensor
 
-from style_aligned.options import ModelKind, StyleAlignedOptions
+from style_aligned.options import ModelKind, StyleAlignedOptions, setting
 from style_aligned.pipeline.denoise import denoise_with_extras, with_preview
 from style_aligned.pipeline.generate import decode_set, initial_noise
 from style_aligned.pipeline.images import Fit
@@ -18,8 +18,11 @@ from style_aligned.pipeline.solvers import ddim
 from style_aligned.pipeline.spec import GeneratedSet, SetSpec
 
 TRANSFER_GUIDANCE = 10.0
+"""The guidance scale of the reference implementation's transfer example."""
 INVERSION_GUIDANCE = 2.0
+"""The guidance scale of the inversion (transfers and panoramas from a real image)."""
 OFFSET = 5
+"""The trajectory index a real reference image starts from (transfers and panoramas)."""
 
 
 @dataclass(kw_only=True)
@@ -35,10 +38,14 @@ class TransferSpec(SetSpec):
         fit: How the image is fitted to the size: `"crop"` (cover, centre crop) or `"resize"` (stretch).
     """
 
-    offset: int = OFFSET
-    inversion_guidance: float = INVERSION_GUIDANCE
-    fit: Fit = "crop"
-    style: StyleAlignedOptions = field(default_factory=StyleAlignedOptions.for_transfer)
+    offset: int = setting(OFFSET, help="trajectory index the reference starts from")
+    inversion_guidance: float = setting(INVERSION_GUIDANCE, help="guidance of the inversion")
+    fit: Fit = setting("crop", help="fit the image to the size: cover and crop, or stretch (resize)")
+    style: StyleAlignedOptions = setting(
+        help="how the images share the reference's style (default: the transfer example's: shared GroupNorm, shift"
+        " log 2)",
+        factory=StyleAlignedOptions.for_transfer,
+    )
 
     def num_images(self) -> int:
         """The number of images of the set: the references (the images' captions) and the targets."""

@@ -1,4 +1,4 @@
-"""The page's settings come from the commands' options and give the commands' arguments (no model, no browser)."""
+"""The page's settings come from the specs' fields and give the specs the commands make (no model, no browser)."""
 
 from pathlib import Path
 
@@ -8,14 +8,17 @@ from style_aligned.app.forms import (
     SET_CONTROLS,
     STYLE_CONTROLS,
     TRANSFER_CONTROLS,
-    command_args,
     control,
-    lora_arguments,
+    lora_values,
     prompt_lines,
+    spec_values,
 )
 from style_aligned.cli import build_parser
 from style_aligned.cli.generate import generate_spec
 from style_aligned.options import StyleAlignedOptions, option_fields
+from style_aligned.pipeline.spec import SetSpec
+from style_aligned.pipeline.spec_fields import read_spec, spec_fields
+from style_aligned.pipeline.transfer import TransferSpec
 
 
 def test_every_style_option_is_on_the_page_with_its_own_help() -> None:
@@ -29,16 +32,19 @@ def test_every_style_option_is_on_the_page_with_its_own_help() -> None:
     assert kinds["shared_blocks"] == "choices" and control("generate", "shared_blocks").choices == ("down", "mid", "up")
 
 
-def test_set_and_transfer_settings_read_the_commands_help() -> None:
+def test_set_and_transfer_settings_read_the_specs_fields() -> None:
     helps = {name: control("generate", name).help for name in SET_CONTROLS}
     assert all(helps.values()), helps
-    assert helps["chunk_size"] == "targets per batch (default: all)"
-    assert control("generate", "steps").default == 50 and control("transfer", "steps").default is None
+    fields = spec_fields(SetSpec)
+    assert helps["chunk_size"] == fields["chunk_size"].help == "targets per batch (default: all)"
+    assert control("generate", "steps").default == fields["steps"].default == 50
+    assert control("transfer", "offset").default == spec_fields(TransferSpec)["offset"].default == 5
     assert control("transfer", "fit").kind == "choice" and control("transfer", "fit").choices == ("crop", "resize")
     assert all(control("transfer", name).help for name in TRANSFER_CONTROLS)
+    assert all(control("generate", name).default is None for name in STYLE_CONTROLS)  # left to the spec's style
 
 
-def test_page_values_give_the_commands_arguments() -> None:
+def test_page_values_give_the_commands_spec() -> None:
     values = {
         "steps": 2.0,
         "size": "64x64",
@@ -50,16 +56,16 @@ def test_page_values_give_the_commands_arguments() -> None:
         "adain_values": "default",
         "shared_blocks": ["up"],
         "shared_layers": "",
-        "offset": 4,  # not an option of generate: left out
+        "offset": 4,  # not a field of a generated set: left out
     }
-    args = command_args("generate", values, prompts=["a", "b"], model="models/sd1", lora=None)
+    page = spec_values("generate", values, prompts=["a", "b"])
     typed = build_parser().parse_args(
         ["generate", "--model", "models/sd1", "--out", "x", "--prompt", "a", "--prompt", "b", "--steps", "2"]
         + ["--size", "64x64", "--seed", "3", "--shared-score-shift", "0.5", "--no-share-group-norm"]
         + ["--shared-blocks", "up"]
     )
-    assert generate_spec(args) == generate_spec(typed)
-    assert not hasattr(args, "offset") and args.steps == 2 and isinstance(args.steps, int)
+    assert read_spec(SetSpec, page) == generate_spec(typed)
+    assert "offset" not in page and page["steps"] == 2 and isinstance(page["steps"], int)
 
 
 @pytest.mark.parametrize(
@@ -74,7 +80,7 @@ def test_page_values_give_the_commands_arguments() -> None:
 )
 def test_bad_values_name_their_setting(name: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        command_args("generate", {name: value})
+        spec_values("generate", {name: value})
 
 
 def test_prompts_are_the_non_empty_lines() -> None:
@@ -87,16 +93,19 @@ def test_loras_are_files_of_the_lora_folder_or_hub_files(tmp_path: Path) -> None
     (folder / "styles").mkdir(parents=True)
     (folder / "styles" / "ink.safetensors").write_bytes(b"")
     (tmp_path / "secret.safetensors").write_bytes(b"")
-    assert lora_arguments("styles/ink.safetensors:0.5\n", folder) == [f"{folder / 'styles/ink.safetensors'}:0.5"]
-    assert lora_arguments("styles/ink.safetensors", folder) == [f"{folder / 'styles/ink.safetensors'}:1"]
+    ink = str(folder / "styles/ink.safetensors")
+    assert lora_values("styles/ink.safetensors:0.5\n", folder) == [{"path": ink, "scale": 0.5}]
+    assert lora_values("styles/ink.safetensors", folder) == [{"path": ink, "scale": 1.0}]
     for outside in ("../secret.safetensors", str(tmp_path / "secret.safetensors"), "missing.safetensors"):
         with pytest.raises(ValueError, match="is neither a file in the LoRA folder"):
-            lora_arguments(outside, folder)
+            lora_values(outside, folder)
     with pytest.raises(ValueError, match="scale after ':' must be a number"):
-        lora_arguments("styles/ink.safetensors:strong", folder)
+        lora_values("styles/ink.safetensors:strong", folder)
     with pytest.raises(ValueError, match="neither a file in --lora-dir nor a Hub file"):
-        lora_arguments("styles/ink.safetensors", None)
-    assert lora_arguments("", None) == []
+        lora_values("styles/ink.safetensors", None)
+    assert lora_values("", None) == []
     hub = "ByteDance/SDXL-Lightning/sdxl_lightning_4step_lora.safetensors"
-    assert lora_arguments(f"{hub}:0.8", None) == [f"{hub}:0.8"]  # fetched into the Hub cache, never a local path
-    assert lora_arguments(hub, folder) == [f"{hub}:1"]
+    assert lora_values(f"{hub}:0.8", None) == [{"path": hub, "scale": 0.8}]  # fetched into the Hub cache
+    assert lora_values(hub, folder) == [{"path": hub, "scale": 1.0}]
+    spec = read_spec(SetSpec, {"prompts": ["a"], "loras": lora_values(f"{hub}:0.8", None)})
+    assert [(str(lora.path), lora.scale) for lora in spec.loras] == [(hub, 0.8)]
