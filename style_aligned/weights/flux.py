@@ -8,8 +8,10 @@ Black Forest Labs' single file (`flux1-dev.safetensors`, `flux1-schnell.safetens
 `model.diffusion_model.` as in full checkpoints) is read through its diffusers names, as diffusers'
 `convert_flux_transformer_checkpoint_to_diffusers` gives them: fused `qkv` projections are cut in three, a
 single-stream block's `linear1` into query, key, value and MLP rows, and the last modulation's shift and scale
-halves are swapped. Every tensor is read when needed, from memory-mapped files: loading holds one copy of the
-weights.
+halves are swapped. Black Forest Labs' autoencoder file (`ae.safetensors`: `encoder.down.0.block.0.norm1.weight`,
+`decoder.up.3.upsample.conv.weight`, `encoder.mid.attn_1.q.weight`, ...) is read through the diffusers names of the
+latent-diffusion VAE, as for SD single files (1x1-convolution attention weights reshaped, the decoder's blocks in
+reverse order). Every tensor is read when needed, from memory-mapped files: loading holds one copy of the weights.
 """
 
 import json
@@ -27,6 +29,8 @@ from style_aligned.flux.config import FluxConfig
 from style_aligned.flux.transformer import FluxTransformer
 from style_aligned.weights.convert import weight_files
 from style_aligned.weights.key_maps import load_key_map
+from style_aligned.weights.original_layout import Origin as VaeOrigin
+from style_aligned.weights.original_layout import vae_origin
 from style_aligned.weights.safetensors_io import SafetensorsReader, WeightsError
 
 BFL_PREFIX = "model.diffusion_model."
@@ -181,6 +185,66 @@ def _single_origins(
     return {prefix + name: Origin(key)}
 
 
+def bfl_transformer_shapes(config: FluxConfig) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes of a FLUX.1 transformer of this configuration in the Black Forest Labs layout."""
+    dim, mlp = config.inner_dim, config.mlp_dim
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def linear(name: str, out: int, inp: int) -> None:
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (out, inp), (out,)
+
+    embedders = [("time_in", 256), ("vector_in", config.pooled_projection_dim)]
+    for name, inp in embedders + ([("guidance_in", 256)] if config.guidance_embeds else []):
+        linear(f"{name}.in_layer", dim, inp)
+        linear(f"{name}.out_layer", dim, dim)
+    linear("txt_in", dim, config.joint_attention_dim)
+    linear("img_in", dim, config.in_channels)
+    for i in range(config.num_layers):
+        for stream in ("img", "txt"):
+            block = f"double_blocks.{i}.{stream}"
+            linear(f"{block}_mod.lin", 6 * dim, dim)
+            linear(f"{block}_attn.qkv", 3 * dim, dim)
+            linear(f"{block}_attn.proj", dim, dim)
+            linear(f"{block}_mlp.0", mlp, dim)
+            linear(f"{block}_mlp.2", dim, mlp)
+            for norm in ("query_norm", "key_norm"):
+                shapes[f"{block}_attn.norm.{norm}.scale"] = (config.attention_head_dim,)
+    for i in range(config.num_single_layers):
+        block = f"single_blocks.{i}"
+        linear(f"{block}.modulation.lin", 3 * dim, dim)
+        linear(f"{block}.linear1", 3 * dim + mlp, dim)
+        linear(f"{block}.linear2", dim, dim + mlp)
+        for norm in ("query_norm", "key_norm"):
+            shapes[f"{block}.norm.{norm}.scale"] = (config.attention_head_dim,)
+    linear("final_layer.adaLN_modulation.1", 2 * dim, dim)
+    linear("final_layer.linear", config.in_channels, dim)
+    return shapes
+
+
+def is_bfl_autoencoder(keys: list[str]) -> bool:
+    """Whether keys are those of an autoencoder in the original latent-diffusion layout (`ae.safetensors`)."""
+    return any(key.startswith(("encoder.down.", "decoder.up.")) for key in keys)
+
+
+def autoencoder_origins(keys: list[str]) -> dict[str, VaeOrigin]:
+    """The original key of each diffusers key of the FLUX.1 autoencoder, for a file in the original layout.
+
+    Raises:
+        WeightsError: If the file holds keys that no diffusers key reads.
+    """
+    num_blocks = len({key.split(".")[2] for key in keys if key.startswith("encoder.down.")})
+    origins = {key: vae_origin(key, num_blocks) for key in load_key_map("flux_autoencoder")[0]}
+    used = {origin.key for origin in origins.values()}
+    if unknown := sorted(key for key in keys if key not in used):
+        listed = ", ".join(unknown[:6]) + (", ..." if len(unknown) > 6 else "")
+        raise WeightsError(f"{len(unknown)} keys are not those of the FLUX.1 autoencoder: {listed}")
+    return {key: origin for key, origin in origins.items() if origin.key in keys}
+
+
+def _diffusers_shape(origin: VaeOrigin, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return shape[:-2] if origin.op == "reshape" else shape
+
+
 class TensorSource:
     """Tensors in the diffusers layout, read one at a time: from safetensors files (diffusers or Black Forest Labs
     layout) or from a state dict.
@@ -216,6 +280,8 @@ class TensorSource:
         try:
             located = {key: (reader, key) for reader in readers for key in reader.keys()}
             origin = ", ".join(str(path) for path in paths)
+            if is_bfl_autoencoder(list(located)):
+                return cls._autoencoder(located, origin, readers)
             if not any(key.startswith(("double_blocks.", "single_blocks.", BFL_PREFIX)) for key in located):
                 shapes = {key: reader.tensors[key].shape for key, (reader, _) in located.items()}
                 return cls(shapes, lambda key: located[key][0].read(key), origin, close=lambda: _close_all(readers))
@@ -232,6 +298,21 @@ class TensorSource:
         except BaseException:
             _close_all(readers)
             raise
+
+    @classmethod
+    def _autoencoder(
+        cls, located: dict[str, tuple[SafetensorsReader, str]], origin: str, readers: list[SafetensorsReader]
+    ) -> "TensorSource":
+        origins = autoencoder_origins(list(located))
+        shapes = {
+            key: _diffusers_shape(item, located[item.key][0].tensors[item.key].shape) for key, item in origins.items()
+        }
+
+        def read(key: str) -> Tensor:
+            reader, name = located[origins[key].key]
+            return origins[key].apply(reader.read(name), shapes[key])
+
+        return cls(shapes, read, origin, close=lambda: _close_all(readers))
 
     def close(self) -> None:
         self._close()

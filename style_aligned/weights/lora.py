@@ -223,7 +223,12 @@ def _unwrap(module: fl.Module, structural: frozenset[type]) -> fl.Module:
     return module
 
 
-def _make_lora(name: str, weights: LoraWeights, layer: fl.WeightedModule) -> Lora[Any]:
+def make_lora(name: str, weights: LoraWeights, layer: fl.WeightedModule) -> Lora[Any]:
+    """A Refiners LoRA layer of these weights for a layer (alpha applied), on its device and dtype.
+
+    Raises:
+        LoraError: If the weights' shapes do not fit the layer.
+    """
     down, up = weights.down, weights.up
     assert down is not None and up is not None
     if weights.alpha is not None:  # kohya and peft: the update is up @ down * alpha / rank
@@ -237,6 +242,34 @@ def _make_lora(name: str, weights: LoraWeights, layer: fl.WeightedModule) -> Lor
         shapes = f"{list(down.shape)}/{list(up.shape)}"
         raise LoraError(f"LoRA {name!r}: {weights.keys[0]} has shapes {shapes} that do not fit its layer")
     return lora.to(device=layer.device, dtype=layer.dtype)
+
+
+def attach_loras(
+    name: str, placements: list[tuple[LoraWeights, fl.WeightedModule, fl.Chain]], unplaced: list[str], model: str
+) -> None:
+    """Attach the LoRA layers of a LoRA to their layers, once all are known to fit.
+
+    Args:
+        name: The LoRA's name.
+        placements: Each LoRA layer's weights, the layer it goes on, and the chain holding that layer now.
+        unplaced: The LoRA's keys that fit no layer (an error that lists them, if any).
+        model: What the model is, for messages (`"SDXL model"`).
+
+    Raises:
+        LoraError: If keys fit no layer, the LoRA is empty, or a LoRA layer's shapes do not fit its layer.
+    """
+    if not placements and not unplaced:
+        raise LoraError(f"LoRA {name!r} holds no LoRA weights")
+    if unplaced:
+        keys = sorted(set(unplaced))
+        listed = ", ".join(keys[:12]) + (", ..." if len(keys) > 12 else "")
+        raise LoraError(f"LoRA {name!r} has {len(keys)} keys that match no layer of this {model}: {listed}")
+    loras = [(make_lora(name, weights, layer), layer, parent) for weights, layer, parent in placements]
+    for lora, layer, parent in loras:
+        if isinstance(parent, LoraAdapter) and parent.target is layer:
+            parent.add_lora(lora)
+        else:
+            LoraAdapter(layer, lora).inject(parent)
 
 
 class LoraManager(SDLoraManager):
@@ -285,20 +318,7 @@ class LoraManager(SDLoraManager):
                 unplaced.extend(weights.keys)
                 continue
             placements.append((weights, layer, parent))
-        if not placements and not unplaced:
-            raise LoraError(f"LoRA {name!r} holds no LoRA weights")
-        if unplaced:
-            listed = ", ".join(sorted(unplaced)[:12]) + (", ..." if len(unplaced) > 12 else "")
-            raise LoraError(
-                f"LoRA {name!r} has {len(unplaced)} keys that match no layer of this {self.pipeline.upper()} model:"
-                f" {listed}"
-            )
-        loras = [(_make_lora(name, weights, layer), layer, parent) for weights, layer, parent in placements]
-        for lora, layer, parent in loras:
-            if isinstance(parent, LoraAdapter) and parent.target is layer:
-                parent.add_lora(lora)
-            else:
-                LoraAdapter(layer, lora).inject(parent)
+        attach_loras(name, placements, unplaced, f"{self.pipeline.upper()} model")
         self.set_scale(name, scale)
 
     def _component(self, component: str) -> tuple[fl.Chain, str]:

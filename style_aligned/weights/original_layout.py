@@ -121,7 +121,8 @@ def _unet_key(key: str, up_block_types: list[str], layers_per_block: int) -> str
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
-def _vae_key(key: str, num_blocks: int) -> Origin:
+def vae_origin(key: str, num_blocks: int) -> Origin:
+    """Where a diffusers VAE key lies in the original latent-diffusion layout (without `first_stage_model.`)."""
     part, _, rest = key.partition(".")  # encoder, decoder, quant_conv, post_quant_conv
     if part in ("quant_conv", "post_quant_conv"):
         return Origin(key)
@@ -194,7 +195,7 @@ def original_key(kind: str, key: str) -> Origin:
         config = ARCHITECTURES[f"{kind}_unet"].configs["unet"]
         return Origin(UNET_PREFIX + _unet_key(key, config["up_block_types"], config["layers_per_block"]))
     if component == "vae":
-        origin = _vae_key(key, len(ARCHITECTURES[f"{kind}_autoencoder"].configs["vae"]["block_out_channels"]))
+        origin = vae_origin(key, len(ARCHITECTURES[f"{kind}_autoencoder"].configs["vae"]["block_out_channels"]))
         return Origin(VAE_PREFIX + origin.key, origin.op, origin.part)
     if component == "text_encoder":
         return Origin((SD1_CLIP_PREFIX if kind == "sd1" else SDXL_CLIP_L_PREFIX) + key)

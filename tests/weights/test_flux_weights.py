@@ -14,47 +14,13 @@ from safetensors.torch import save_file
 from style_aligned.flux import FLUX_DEV, FluxConfig
 from style_aligned.weights.flux import (
     BFL_PREFIX,
+    bfl_transformer_shapes,
     flux_transformer_key_map,
     infer_flux_config,
     load_flux_transformer,
 )
 from style_aligned.weights.safetensors_io import WeightsError
 from tests.helpers import flux
-
-
-def bfl_shapes(config: FluxConfig) -> dict[str, tuple[int, ...]]:
-    """The keys and shapes of a FLUX.1 transformer in the Black Forest Labs layout."""
-    dim, mlp = config.inner_dim, config.mlp_dim
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def linear(name: str, out: int, inp: int) -> None:
-        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (out, inp), (out,)
-
-    for name, inp in (("time_in", 256), ("vector_in", config.pooled_projection_dim), ("guidance_in", 256)):
-        linear(f"{name}.in_layer", dim, inp)
-        linear(f"{name}.out_layer", dim, dim)
-    linear("txt_in", dim, config.joint_attention_dim)
-    linear("img_in", dim, config.in_channels)
-    for i in range(config.num_layers):
-        for stream in ("img", "txt"):
-            block = f"double_blocks.{i}.{stream}"
-            linear(f"{block}_mod.lin", 6 * dim, dim)
-            linear(f"{block}_attn.qkv", 3 * dim, dim)
-            linear(f"{block}_attn.proj", dim, dim)
-            linear(f"{block}_mlp.0", mlp, dim)
-            linear(f"{block}_mlp.2", dim, mlp)
-            for norm in ("query_norm", "key_norm"):
-                shapes[f"{block}_attn.norm.{norm}.scale"] = (config.attention_head_dim,)
-    for i in range(config.num_single_layers):
-        block = f"single_blocks.{i}"
-        linear(f"{block}.modulation.lin", 3 * dim, dim)
-        linear(f"{block}.linear1", 3 * dim + mlp, dim)
-        linear(f"{block}.linear2", dim, dim + mlp)
-        for norm in ("query_norm", "key_norm"):
-            shapes[f"{block}.norm.{norm}.scale"] = (config.attention_head_dim,)
-    linear("final_layer.adaLN_modulation.1", 2 * dim, dim)
-    linear("final_layer.linear", config.in_channels, dim)
-    return shapes
 
 
 @pytest.mark.slow
@@ -64,7 +30,8 @@ def test_black_forest_labs_file_loads_as_diffusers_converts_it(tmp_path: Path) -
     config = FluxConfig(num_layers=1, num_single_layers=1)
     generator = torch.Generator().manual_seed(0)
     original = {
-        BFL_PREFIX + key: torch.randn(shape, generator=generator).half() for key, shape in bfl_shapes(config).items()
+        BFL_PREFIX + key: torch.randn(shape, generator=generator).half()
+        for key, shape in bfl_transformer_shapes(config).items()
     }
     path = tmp_path / "flux1-dev.safetensors"
     save_file(original, str(path))
