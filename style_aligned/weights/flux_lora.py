@@ -158,7 +158,7 @@ class FluxLoraManager:
                 unplaced.extend(weights.keys)
                 continue
             placements.append((weights, layer, parent))
-        attach_loras(name, placements, unplaced, "FLUX.1 transformer")
+        attach_loras(name, placements, unplaced, model="FLUX.1 transformer")
         self.set_scale(name, scale)
 
     def set_scale(self, name: str, scale: float, /) -> None:

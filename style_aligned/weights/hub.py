@@ -148,24 +148,60 @@ def _weights(files: set[str], component: str, variant: str | None) -> tuple[list
     raise WeightsError(f"the repo has no .safetensors weights for {component}/")
 
 
+FLUX_COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
+"""The models of a FLUX.1 diffusers pipeline, each a folder with `config.json` and safetensors weights."""
+FLUX_FOLDERS = ("tokenizer", "tokenizer_2", "scheduler")
+"""The other folders of a FLUX.1 diffusers pipeline that loading needs (configuration and vocabulary files)."""
+_SMALL_FILES = (".json", ".txt", ".model")
+
+
 def _pipeline_kind(model_index: dict[str, Any], name: str) -> str:
     pipeline_class = str(model_index.get("_class_name", ""))
+    if pipeline_class == "FluxPipeline":
+        return "flux"
     if not pipeline_class.startswith("StableDiffusion") or "Upscale" in pipeline_class:
-        raise WeightsError(f"{name}: {pipeline_class or 'this repo'} is not an SD1 or SDXL pipeline")
+        raise WeightsError(f"{name}: {pipeline_class or 'this repo'} is not an SD1, SDXL or FLUX.1 pipeline")
     return "sdxl" if pipeline_class.startswith("StableDiffusionXL") else "sd1"
 
 
-def download_pipeline(repo_id: str, revision: str | None = None, half: bool = False) -> HubModel:
-    """Fetch what an SD1 or SDXL pipeline repo needs into the Hugging Face cache, and return its snapshot folder.
+def _components(kind: str, without: tuple[str, ...]) -> list[str]:
+    if kind == "flux":
+        return [component for component in FLUX_COMPONENTS if component not in without]
+    return [component for architecture in PIPELINES[kind] for component in ARCHITECTURES[architecture].configs]
+
+
+def _small_files(files: set[str], kind: str, name: str) -> list[str]:
+    """The configuration and vocabulary files of a pipeline's other folders (FLUX.1's tokenizers and scheduler)."""
+    if kind != "flux":
+        return []
+    wanted: list[str] = []
+    for folder in FLUX_FOLDERS:
+        found = sorted(f for f in files if f.startswith(f"{folder}/") and f.endswith(_SMALL_FILES))
+        if not found:
+            raise WeightsError(f"{name} lacks {folder}/: the pipeline is incomplete")
+        wanted += found
+    return wanted
+
+
+def download_pipeline(
+    repo_id: str, revision: str | None = None, half: bool = False, *, without: tuple[str, ...] = ()
+) -> HubModel:
+    """Fetch what an SD1, SDXL or FLUX.1 pipeline repo needs into the Hugging Face cache, and return its snapshot
+    folder.
+
+    For FLUX.1 (`black-forest-labs/FLUX.1-schnell`, `-dev`): `model_index.json`, the `config.json` and safetensors
+    weights (single or sharded, with their index) of `transformer/`, `text_encoder/` (CLIP L), `text_encoder_2/`
+    (T5) and `vae/`, and the configuration and vocabulary files of `tokenizer/`, `tokenizer_2/` and `scheduler/`.
 
     Args:
         repo_id: `org/name`.
         revision: A branch, tag or commit (default: `main`).
         half: Prefer the `fp16` weights variant.
+        without: FLUX.1 models not to fetch (e.g. `("transformer",)` where it comes from a single file).
 
     Raises:
-        WeightsError: If the repo is unknown, gated without a token, not cached while offline, or not an SD1/SDXL
-            pipeline with safetensors weights.
+        WeightsError: If the repo is unknown, gated without a token, not cached while offline, or not an SD1, SDXL
+            or FLUX.1 pipeline with safetensors weights.
     """
     snapshot_download = _hf().snapshot_download
 
@@ -185,13 +221,13 @@ def download_pipeline(repo_id: str, revision: str | None = None, half: bool = Fa
     kind = _pipeline_kind(model_index, name)
     wanted = ["model_index.json"]
     variants: set[str | None] = set()
-    for architecture in PIPELINES[kind]:
-        for component in ARCHITECTURES[architecture].configs:
-            if f"{component}/config.json" not in files:
-                raise WeightsError(f"{name} lacks {component}/config.json: the pipeline is incomplete")
-            weights, found = _weights(files, component, "fp16" if half else None)
-            wanted += [f"{component}/config.json", *weights]
-            variants.add(found)
+    for component in _components(kind, without):
+        if f"{component}/config.json" not in files:
+            raise WeightsError(f"{name} lacks {component}/config.json: the pipeline is incomplete")
+        weights, found = _weights(files, component, "fp16" if half and kind != "flux" else None)
+        wanted += [f"{component}/config.json", *weights]
+        variants.add(found)
+    wanted += _small_files(files, kind, name)
     if cached is None:
         folder = Path(
             _hub_call(
@@ -207,7 +243,7 @@ def download_pipeline(repo_id: str, revision: str | None = None, half: bool = Fa
     return HubModel(path=folder, variant=variant, reference=name, from_hub=True)
 
 
-def resolve_model(reference: str | Path, half: bool = False) -> HubModel:
+def resolve_model(reference: str | Path, half: bool = False, *, without: tuple[str, ...] = ()) -> HubModel:
     """Resolve what a user named as a model: a local folder or file, else a Hub repo id `org/name[@revision]`.
 
     Raises:
@@ -223,7 +259,7 @@ def resolve_model(reference: str | Path, half: bool = False) -> HubModel:
         raise WeightsError(
             f"{text} is neither a folder, a checkpoint file nor a Hugging Face Hub repo id (org/name[@revision])"
         )
-    return download_pipeline(*parsed, half=half)
+    return download_pipeline(*parsed, half=half, without=without)
 
 
 def resolve_file(reference: str | Path) -> Path:

@@ -26,14 +26,20 @@ from style_aligned.weights.safetensors_io import SafetensorsReader, WeightsError
 StableDiffusion = StableDiffusion_XL | StableDiffusion_1
 
 
-def _build(
+def build_model(
     architecture: Architecture,
     keys: list[str],
     read: Callable[[str], Tensor],
+    *,
     device: torch.device | str,
     dtype: torch.dtype,
     origin: str,
 ) -> fl.Chain:
+    """Build an architecture's model on the meta device and assign it the tensors `read` gives for `keys`.
+
+    Raises:
+        WeightsError: If the keys or shapes do not fit the model.
+    """
     model = build_empty(architecture.build)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(keys))
@@ -91,7 +97,9 @@ def load_model(
             f" {ARCHITECTURES[kind].description}"
         )
     with SafetensorsReader(path) as reader:
-        return _build(ARCHITECTURES[found], reader.keys(), reader.read, device, dtype, str(path))
+        return build_model(
+            ARCHITECTURES[found], reader.keys(), reader.read, device=device, dtype=dtype, origin=str(path)
+        )
 
 
 def _pipeline(
@@ -149,7 +157,9 @@ def load_pipeline(
             for source in sources:
                 keys = [key for key, _, _ in source.entries()]
                 architecture = source.architecture
-                models[architecture.name] = _build(architecture, keys, source.read, device, dtype, str(path))
+                models[architecture.name] = build_model(
+                    architecture, keys, source.read, device=device, dtype=dtype, origin=str(path)
+                )
         kind = "sdxl" if "sdxl_unet" in models else "sd1"
         return _pipeline(kind, models, device, dtype)
 

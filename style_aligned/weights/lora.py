@@ -245,7 +245,11 @@ def make_lora(name: str, weights: LoraWeights, layer: fl.WeightedModule) -> Lora
 
 
 def attach_loras(
-    name: str, placements: list[tuple[LoraWeights, fl.WeightedModule, fl.Chain]], unplaced: list[str], model: str
+    name: str,
+    placements: list[tuple[LoraWeights, fl.WeightedModule, fl.Chain]],
+    unplaced: list[str],
+    *,
+    model: str,
 ) -> None:
     """Attach the LoRA layers of a LoRA to their layers, once all are known to fit.
 
@@ -318,7 +322,7 @@ class LoraManager(SDLoraManager):
                 unplaced.extend(weights.keys)
                 continue
             placements.append((weights, layer, parent))
-        attach_loras(name, placements, unplaced, f"{self.pipeline.upper()} model")
+        attach_loras(name, placements, unplaced, model=f"{self.pipeline.upper()} model")
         self.set_scale(name, scale)
 
     def _component(self, component: str) -> tuple[fl.Chain, str]:

@@ -103,15 +103,17 @@ class SafetensorsReader:
             raise WeightsError(f"{self.path} is not a valid safetensors file ({error})") from None
 
     def _read_header(self, size: int) -> tuple[dict[str, str], dict[str, TensorInfo]]:
-        start = self._file.read(8)
-        if start[:2] == b"PK" or start[:1] == b"\x80":
+        start = self._file.read(9)
+        if (start[:2] == b"PK" or start[:1] == b"\x80") and start[8:9] != b"{":  # a header length can start with 0x80
             raise pickle_error(self.path)
+        start = start[:8]
         if len(start) < 8:
             raise WeightsError(f"{self.path} is not a safetensors file: it is only {size} bytes long")
         header_size = int.from_bytes(start, "little")
         if header_size > min(size - 8, _MAX_HEADER):
             raise WeightsError(f"{self.path} is not a valid safetensors file (truncated or corrupt header)")
         try:
+            self._file.seek(8)
             header: dict[str, Any] = json.loads(self._file.read(header_size))
             metadata: dict[str, str] = header.pop("__metadata__", None) or {}
             tensors = {key: self._tensor_info(key, entry) for key, entry in header.items()}

@@ -40,3 +40,16 @@ def test_next_write_removes_temporary_files_left_by_a_killed_writer(tmp_path: Pa
         file.write_bytes(b"half written")
     write(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, other.name])
+
+
+def test_a_header_length_whose_first_byte_is_0x80_is_not_taken_for_a_pickle(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    for length in range(1, 400):  # find a file whose header is 0x..80 bytes long
+        save_file({"x" * length: torch.zeros(1)}, str(path))
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    with SafetensorsReader(path) as reader:
+        assert torch.equal(reader.read(reader.keys()[0]), torch.zeros(1))
