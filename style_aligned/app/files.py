@@ -90,9 +90,14 @@ def read_upload(path: str | Path, *, uploads: Path, max_bytes: int) -> Image.Ima
         raise ValueError(f"the uploaded file is not an image: {error}") from None
 
 
-def keep_upload(path: str | Path, folder: Path) -> Path:
-    """Copy an uploaded image into a set's folder (`reference-image.<ext>`), so that its sidecar can name it."""
+def kept_upload(path: str | Path, folder: Path) -> Path:
+    """Where `keep_upload` copies an uploaded image in a set's folder (`reference-image.<ext>`)."""
     suffix = Path(path).suffix.lower()
-    target = folder / ("reference-image" + (suffix if re.fullmatch(r"\.[a-z0-9]{1,5}", suffix) else ""))
+    return folder / ("reference-image" + (suffix if re.fullmatch(r"\.[a-z0-9]{1,5}", suffix) else ""))
+
+
+def keep_upload(path: str | Path, folder: Path) -> Path:
+    """Copy an uploaded image into a set's folder (see `kept_upload`), so that its sidecar can name it."""
+    target = kept_upload(path, folder)
     shutil.copyfile(path, target)
     return target

@@ -15,7 +15,7 @@ from typing import Any
 from PIL import Image
 from torch import Tensor
 
-from style_aligned.app.files import APP_FOLDER, keep_upload, new_set_folder, zip_folder
+from style_aligned.app.files import APP_FOLDER, keep_upload, kept_upload, new_set_folder, zip_folder
 from style_aligned.app.preview import latent_preview
 from style_aligned.app.studio import Cancelled, Job
 from style_aligned.options import model_kind
@@ -236,7 +236,8 @@ def make_transfer_set(
     from style_aligned.pipeline.transfer_inputs import TransferReferences, transfer_spec
 
     references = TransferReferences(images=[upload], captions=[caption])
-    spec = transfer_spec(values, references).resolved(sd)
+    given = transfer_spec(values, references)
+    spec = given.resolved(sd)
     prompts = [caption, *spec.prompts]
     digest = hashlib.sha256(upload.read_bytes()).hexdigest()
     key = (digest, caption, spec.steps, spec.width, spec.height, spec.fit, spec.inversion_guidance)
@@ -246,18 +247,17 @@ def make_transfer_set(
     total = parts_work + (0 if reusable else spec.steps)
     trajectory, reused = _inversion(job, sd, spec, image=image, caption=caption, key=key, memory=memory, total=total)
     folder = new_set_folder(out, f"transfer {caption}")
-    references = replace(references, images=[keep_upload(upload, folder)])
-    if reused:
-        assert memory.file is not None
-        references = replace(references, trajectories=[memory.file])
-    else:
-        saved = folder / TRAJECTORY_FILE
-        references = replace(references, save_trajectories=[saved])
+    references = replace(references, images=[kept_upload(upload, folder)])
+    saved = memory.file if reused else folder / TRAJECTORY_FILE
+    assert saved is not None
+    references = replace(references, **{"trajectories" if reused else "save_trajectories": [saved]})
+    details = references.details(model, [trajectory]) | {"request": references.request(model, given)}
+    writer = SetFolder(folder, sidecar("transfer", spec, prompts, **details), title=set_title("transfer", spec.seed))
+    keep_upload(upload, folder)  # the folder was checked empty by the writer: now it holds the set's inputs
+    if not reused:
         trajectory.save(saved)
         memory.key, memory.trajectory, memory.file = key, trajectory, saved
         memory.count += 1
-    details = references.details(model, [trajectory]) | {"request": references.request(model, spec)}
-    writer = SetFolder(folder, sidecar("transfer", spec, prompts, **details), title=set_title("transfer", spec.seed))
 
     def run_part(part: list[int], report: Any, preview: Any) -> GeneratedSet:
         return transfer_set(sd, trajectory, spec, progress=report, images=part, preview=preview)

@@ -130,7 +130,11 @@ def test_an_uploaded_image_gives_a_transfer_set_and_its_inversion_is_kept(
     arguments += ["--image", str(reference), "--caption", "a colour gradient", "--offset", "1"]
     cli(arguments + [argument for prompt in PROMPTS[1:] for argument in ("--prompt", prompt)])
     expected = sidecar(cli_out)
-    assert {**details, "image": None, "trajectory": None} == {**expected, "image": None, "trajectory": None}
+    assert details["request"]["images"] == [str(first / "reference-image.png")]  # the reference as the set holds it
+    assert expected["request"]["images"] == [str(reference)]
+    inputs = {"image": None, "trajectory": None}  # where the page and the command line keep the reference
+    page_request, cli_request = {**details["request"], "images": None}, {**expected["request"], "images": None}
+    assert {**details, **inputs, "request": page_request} == {**expected, **inputs, "request": cli_request}
     same_images(first, cli_out, [*details["images"], "grid.png"])
 
     before = set_folders(app.out)
