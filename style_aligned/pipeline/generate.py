@@ -57,9 +57,14 @@ def generate_set(
         ValueError: If a setting is out of range.
         RuntimeError: If the U-Net already carries StyleAligned.
     """
-    resolved = spec.resolved(sd)
-    targets, decoded = resolved.plan().select(images)
-    latents, spec = generate_latents(sd, resolved, progress=progress, targets=targets, preview=preview)
+    spec = spec.resolved(sd)
+    targets, decoded = spec.plan().select(images)
+    solver = spec.make_solver(sd)
+    latents = initial_latents(spec, spec.num_images(), solver, sd=sd)
+    after_reference_step = with_preview(None, preview)
+    latents = denoise_with_extras(
+        sd, spec, latents, solver=solver, progress=progress, targets=targets, after_reference_step=after_reference_step
+    )
     return decode_set(sd, latents, spec, images=decoded, progress=progress)
 
 
@@ -73,42 +78,6 @@ def decode_set(
     total = plan.work(targets, steps=spec.steps, decoded=len(images))
     decoded = decode(sd, latents, images=images, progress=progress, total=total)
     return GeneratedSet(images=decoded, prompts=[prompts[index] for index in images], spec=spec)
-
-
-def generate_latents(
-    sd: StableDiffusion,
-    spec: SetSpec,
-    *,
-    progress: Progress | None = None,
-    targets: Sequence[int] | None = None,
-    preview: Preview | None = None,
-) -> tuple[Tensor, SetSpec]:
-    """Denoise a set; see `generate_set`.
-
-    Args:
-        sd: The model.
-        spec: What to generate.
-        progress: Called as the work proceeds.
-        targets: Only these targets, whole chunks of the set (see `denoise_set`); the others keep their noise.
-        preview: Called with the reference's latent after each of its steps.
-
-    Returns:
-        The final latents (the reference first) and the resolved spec.
-    """
-    spec = spec.resolved(sd)
-    assert spec.width is not None and spec.height is not None and spec.guidance is not None
-    solver = spec.make_solver(sd)
-    latents = initial_latents(spec, len(spec.image_prompts()), solver, sd=sd)
-    latents = denoise_with_extras(
-        sd,
-        spec,
-        latents,
-        solver=solver,
-        progress=progress,
-        targets=targets,
-        after_reference_step=with_preview(None, preview),
-    )
-    return latents, spec
 
 
 def decode(

@@ -9,7 +9,7 @@ import torch
 from diffusers.loaders.single_file_utils import (  # type: ignore[import-untyped]
     convert_flux_transformer_checkpoint_to_diffusers,
 )
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from style_aligned.flux import FLUX_DEV, FluxConfig
 from style_aligned.weights.flux import (
@@ -21,20 +21,26 @@ from style_aligned.weights.flux import (
 )
 from style_aligned.weights.safetensors_io import WeightsError
 from tests.helpers import flux
+from tests.helpers.models import full_size_fixture
 
 
-@pytest.mark.slow
-@torch.no_grad()
-def test_black_forest_labs_file_loads_as_diffusers_converts_it(tmp_path: Path) -> None:
+@full_size_fixture()
+def bfl_flux_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A full-width FLUX.1 [dev] with one block of each kind, random, written in the original layout (float16)."""
-    config = FluxConfig(num_layers=1, num_single_layers=1)
     generator = torch.Generator().manual_seed(0)
     original = {
         BFL_PREFIX + key: torch.randn(shape, generator=generator).half()
-        for key, shape in bfl_transformer_shapes(config).items()
+        for key, shape in bfl_transformer_shapes(FluxConfig(num_layers=1, num_single_layers=1)).items()
     }
-    path = tmp_path / "flux1-dev.safetensors"
+    path = tmp_path_factory.mktemp("bfl") / "flux1-dev.safetensors"
     save_file(original, str(path))
+    return path
+
+
+@torch.no_grad()
+def test_black_forest_labs_file_loads_as_diffusers_converts_it(bfl_flux_file: Path) -> None:
+    config, path = FluxConfig(num_layers=1, num_single_layers=1), bfl_flux_file
+    original = load_file(str(path))
     expected = convert_flux_transformer_checkpoint_to_diffusers(dict(original))
     del original
     model = load_flux_transformer(path, dtype=torch.float16)
