@@ -28,6 +28,7 @@ from style_aligned.flux.autoencoder import FLUX_AUTOENCODER, AutoencoderConfig, 
 from style_aligned.flux.config import FluxConfig
 from style_aligned.flux.transformer import FluxTransformer
 from style_aligned.weights.convert import weight_files
+from style_aligned.weights.empty import build_empty
 from style_aligned.weights.key_maps import load_key_map
 from style_aligned.weights.original_layout import Origin as VaeOrigin
 from style_aligned.weights.original_layout import vae_origin
@@ -444,8 +445,7 @@ def load_flux_transformer(
     with tensors:
         if config is None:
             config = FluxConfig.from_diffusers(folder_config) if folder_config else infer_flux_config(tensors.shapes)
-        with torch.device("meta"):
-            model = FluxTransformer(config)
+        model = build_empty(lambda: FluxTransformer(config))
         _load(model, flux_transformer_key_map(config), tensors, device, dtype)
     return model.eval().requires_grad_(False)
 
@@ -465,7 +465,6 @@ def load_flux_autoencoder(
     key_map = {source_key: target for source_key, (target, _) in load_key_map("flux_autoencoder")[0].items()}
     tensors, _ = open_flux_source(source)
     with tensors:
-        with torch.device("meta"):
-            model = FluxAutoencoder(config)
+        model = build_empty(lambda: FluxAutoencoder(config))
         _load(model, key_map, tensors, device, dtype)
     return model.eval().requires_grad_(False)

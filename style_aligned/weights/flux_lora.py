@@ -21,13 +21,13 @@ from functools import cache
 from typing import Any
 
 import refiners.fluxion.layers as fl
-import torch
 from refiners.fluxion.adapters.adapter import Adapter
 from refiners.fluxion.adapters.lora import Lora, LoraAdapter
 from torch import Tensor
 
 from style_aligned.flux.config import FluxConfig
 from style_aligned.flux.transformer import FluxTransformer
+from style_aligned.weights.empty import build_empty
 from style_aligned.weights.flux import Origin, bfl_origins, bfl_transformer_shapes, flux_transformer_key_map
 from style_aligned.weights.lora import LoraError, LoraWeights, attach_loras, find_layer
 
@@ -103,8 +103,7 @@ def flux_lora_layers(tensors: dict[str, Tensor], config: FluxConfig) -> tuple[di
 
 @cache
 def _structural_adapter_types(config: FluxConfig) -> frozenset[type]:
-    with torch.device("meta"):
-        model = FluxTransformer(config)
+    model = build_empty(lambda: FluxTransformer(config))
     return frozenset(type(m) for m in model.modules() if isinstance(m, Adapter))
 
 
