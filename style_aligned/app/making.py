@@ -180,7 +180,7 @@ def make_generate_set(job: Job, sd: Any, given: SetSpec, *, model: str, out: Pat
         return generate_set(sd, spec, progress=report, images=part, preview=preview)
 
     def make() -> None:
-        write_parts(job, sd=sd, folder=writer, plan=spec.plan(), steps=spec.steps, run_part=run_part)
+        write_parts(job, sd=sd, folder=writer, plan=spec.plan(), steps=spec.num_steps, run_part=run_part)
 
     _guarded(job, out, folder, make, f"Done: {len(prompts)} images in {folder}")
 
@@ -240,11 +240,11 @@ def make_transfer_set(
     spec = given.resolved(sd)
     prompts = [caption, *spec.prompts]
     digest = hashlib.sha256(upload.read_bytes()).hexdigest()
-    key = (digest, caption, spec.steps, spec.width, spec.height, spec.fit, spec.inversion_guidance)
+    key = (digest, caption, spec.num_steps, spec.width, spec.height, spec.fit, spec.inversion_guidance)
     plan = spec.plan()
-    parts_work = sum(plan.work(part[plan.num_references :], steps=spec.steps) for part in plan.parts())
+    parts_work = sum(plan.work(part[plan.num_references :], steps=spec.num_steps) for part in plan.parts())
     reusable = memory.key == key and memory.file is not None and memory.file.is_file()
-    total = parts_work + (0 if reusable else spec.steps)
+    total = parts_work + (0 if reusable else spec.num_steps)
     trajectory, reused = _inversion(job, sd, spec, image=image, caption=caption, key=key, memory=memory, total=total)
     folder = new_set_folder(out, f"transfer {caption}")
     references = replace(references, images=[kept_upload(upload, folder)])
@@ -263,13 +263,13 @@ def make_transfer_set(
         return transfer_set(sd, trajectory, spec, progress=report, images=part, preview=preview)
 
     def make() -> None:
-        done_before = 0 if reused else spec.steps
+        done_before = 0 if reused else spec.num_steps
         write_parts(
             job,
             sd=sd,
             folder=writer,
             plan=plan,
-            steps=spec.steps,
+            steps=spec.num_steps,
             run_part=run_part,
             done_before=done_before,
             total=total,

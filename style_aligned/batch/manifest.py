@@ -207,7 +207,7 @@ def check(entry: SetEntry) -> None:
     """
     spec = entry.spec
     if entry.steps_from_trajectory() and isinstance(spec, TransferSpec):  # its steps are read when the set runs
-        spec = replace(spec, steps=max(spec.steps, spec.offset + 1))
+        spec = replace(spec, steps=max(spec.steps or 1, spec.offset + 1))
     spec.resolved("sd1")
     if entry.split > 1 and entry.num_targets < entry.split:
         raise ValueError(f"split {entry.split} needs at least {entry.split} targets, this set has {entry.num_targets}")
