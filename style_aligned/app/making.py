@@ -18,8 +18,8 @@ from torch import Tensor
 from style_aligned.app.files import APP_FOLDER, keep_upload, kept_upload, new_set_folder, zip_folder
 from style_aligned.app.preview import latent_preview
 from style_aligned.app.studio import Cancelled, Job
-from style_aligned.options import model_kind
 from style_aligned.pipeline.images import labelled_grid, save_png
+from style_aligned.pipeline.model import kind_of
 from style_aligned.pipeline.plan import SetPlan
 from style_aligned.pipeline.progress import ProgressEvent
 from style_aligned.pipeline.set_files import (
@@ -92,7 +92,7 @@ def write_parts(
     parts = plan.parts()
     works = [plan.work(part[plan.num_references :], steps=steps) for part in parts]
     total = total or done_before + sum(works)
-    kind = model_kind(sd)
+    kind = kind_of(sd)
     folder.start()
     try:
         for number, part in enumerate(parts, start=1):

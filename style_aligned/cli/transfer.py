@@ -13,6 +13,7 @@ from style_aligned.cli.options import (
     add_set_options,
     add_style_options,
     check_files,
+    check_for_model,
     check_out,
     default_help,
     given,
@@ -79,6 +80,7 @@ def run_transfer(args: argparse.Namespace) -> None:
     trajectories = [ReferenceTrajectory.load(path) for path in references.trajectories]
     spec = transfer_spec(transfer_values(args), references, trajectories[0] if trajectories else None)
     pictures = [read_image(path) for path in references.images]  # checked before the model is loaded
+    check_for_model(args, spec)
     asked = references.request(str(args.model), spec)
     if check_out(args.out, asked, args.overwrite):
         return say_complete(args.out)

@@ -86,7 +86,7 @@ class PanoramaSpec:
     inversion_guidance: float = setting(INVERSION_GUIDANCE, help="guidance of the inversion")
     fit: Fit = setting("crop", help="fit the reference image to the view size: cover and crop, or stretch (resize)")
 
-    def resolved(self, sd: "Model") -> "PanoramaSpec":
+    def resolved(self, sd: "Model | ModelKind") -> "PanoramaSpec":
         """This spec with the model's defaults filled in, checked.
 
         Raises:

@@ -1,0 +1,137 @@
+"""FLUX.1 through the set pipeline on a random FLUX.1 diffusers folder (tiny transformer and T5; CLIP L and the
+autoencoder at their real sizes): a plain image equals diffusers' `FluxPipeline`'s, and `generate`, `sweep`, `batch`
+and the app take the folder as the model with no other change."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from style_aligned.app.making import make_generate_set
+from style_aligned.app.studio import Job
+from style_aligned.cli import main as cli
+from style_aligned.flux.models import FluxModels
+from style_aligned.pipeline.generate import generate_set
+from style_aligned.pipeline.spec import SetSpec
+from style_aligned.weights.flux_loading import load_flux
+from tests.helpers.flux_pipeline import write_flux_pipeline
+
+PROMPTS = ["a toy train", "a toy car", "a watercolor fox"]
+
+
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("flux") / "FLUX.1-tiny"
+    write_flux_pipeline(folder)
+    return folder
+
+
+@torch.no_grad()
+def flux_pipeline_image(folder: Path, prompt: str, *, seed: int, steps: int, size: int) -> np.ndarray:
+    """diffusers' `FluxPipeline` on the folder's models, with CLIP L's pooled output of the prompt's CLIP tokens (the
+    folder's CLIP tokenizer files are stand-ins) and T5's embedding as the pipeline computes it."""
+    from diffusers import (  # type: ignore[import-untyped]
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+    from refiners.foundationals.clip.tokenizer import CLIPTokenizer
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel  # type: ignore[import-untyped]
+
+    clip: Any = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    pooled = clip(CLIPTokenizer()(prompt)).pooler_output
+    del clip
+    pipeline: Any = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
+        vae=AutoencoderKL.from_pretrained(folder / "vae").eval(),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=T5EncoderModel.from_pretrained(folder / "text_encoder_2").eval(),
+        tokenizer_2=AutoTokenizer.from_pretrained(folder / "tokenizer_2"),
+        transformer=FluxTransformer2DModel.from_pretrained(folder / "transformer").eval(),
+    )
+    embedding = pipeline._get_t5_prompt_embeds(prompt=prompt, max_sequence_length=512, device=torch.device("cpu"))
+    image = pipeline(
+        prompt_embeds=embedding,
+        pooled_prompt_embeds=pooled,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        guidance_scale=3.5,
+        max_sequence_length=512,
+        generator=torch.Generator("cpu").manual_seed(seed),
+    ).images[0]
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_a_plain_image_equals_flux_pipelines_from_the_same_seed(flux_folder: Path) -> None:
+    expected = flux_pipeline_image(flux_folder, PROMPTS[2], seed=7, steps=4, size=64)
+    models = load_flux(flux_folder, dtype=torch.float32)
+    made = generate_set(models, SetSpec(prompts=[PROMPTS[2]], seed=7, steps=4, width=64))
+    actual = np.asarray(made.images[0], dtype=np.int16)
+    assert actual.shape == expected.shape == (64, 64, 3)
+    assert np.abs(actual - expected).max() <= 2
+    assert expected.std() > 5  # a real image, not a flat one
+
+
+@pytest.fixture(scope="module")
+def flux_models(flux_folder: Path) -> FluxModels:
+    return load_flux(flux_folder, dtype=torch.float32)
+
+
+def sidecar(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "set.json").read_text())
+
+
+def test_generate_takes_the_folder_as_model(flux_folder: Path, flux_models: FluxModels, tmp_path: Path) -> None:
+    prompts = [argument for prompt in PROMPTS for argument in ("--prompt", prompt)]
+    out = tmp_path / "set"
+    command = ["generate", "--model", str(flux_folder), *prompts, "--size", "32x48", "--steps", "2", "--seed", "3"]
+    cli([*command, "--chunk-size", "1", "--out", str(out)])
+    details = sidecar(out)
+    assert details["backbone"] == "flux_dev" and details["solver"] == "flow_euler" and details["guidance"] == 3.5
+    assert not details["classifier_free_guidance"] and "pending" not in details
+    expected = generate_set(flux_models, SetSpec(prompts=PROMPTS, seed=3, steps=2, width=32, height=48))
+    for name, image in zip(details["images"], expected.images, strict=True):
+        assert Image.open(out / name).size == (32, 48)
+        assert np.array_equal(np.asarray(Image.open(out / name)), np.asarray(image))
+
+
+def test_sweep_and_batch_take_the_folder_as_model(flux_folder: Path, tmp_path: Path) -> None:
+    prompts = [argument for prompt in PROMPTS[:2] for argument in ("--prompt", prompt)]
+    sweep = tmp_path / "sweep"
+    options = ["--model", str(flux_folder), *prompts, "--size", "32", "--steps", "1"]
+    cli(["sweep", *options, "--grid", "shared_score_scale=1,0.5", "--out", str(sweep)])
+    folders = sorted(path for path in sweep.iterdir() if path.is_dir())
+    assert len(folders) == 2 and all(sidecar(folder)["backbone"] == "flux_dev" for folder in folders)
+    assert (sweep / "contact-sheet.png").is_file()
+    manifest = tmp_path / "sets.jsonl"
+    manifest.write_text(
+        json.dumps({"id": "toys", "kind": "generate", "prompts": PROMPTS[:2], "width": 32, "steps": 1}) + "\n"
+    )
+    cli(["batch", str(manifest), "--model", str(flux_folder), "--out", str(tmp_path / "batch")])
+    made = sidecar(tmp_path / "batch" / "toys")
+    assert made["backbone"] == "flux_dev" and made["steps"] == 1 and "pending" not in made
+
+
+def test_the_app_makes_a_flux_set_with_its_previews(flux_models: FluxModels, tmp_path: Path) -> None:
+    job = Job("session")
+    previews: list[Image.Image] = []
+    update = job.update
+
+    def watched(**changes: Any) -> None:
+        if changes.get("preview") is not None:
+            previews.append(changes["preview"])
+        update(**changes)
+
+    job.update = watched  # type: ignore[method-assign]
+    spec = SetSpec(prompts=PROMPTS[:2], steps=2, width=32, chunk_size=1)
+    make_generate_set(job, flux_models, spec, model="FLUX.1-tiny", out=tmp_path)
+    (folder,) = [path for path in tmp_path.iterdir() if path.is_dir()]
+    assert sidecar(folder)["backbone"] == "flux_dev" and "pending" not in sidecar(folder)
+    assert len(previews) == 2 and previews[0].size[0] > 0
