@@ -10,6 +10,7 @@ from style_aligned.flux.models import FluxModels
 from style_aligned.options import ModelKind
 from style_aligned.weights import flux_loading, loading
 from style_aligned.weights.flux import BFL_PREFIX
+from style_aligned.weights.flux_convert import converted_flux_index, is_converted_flux
 from style_aligned.weights.hub import parse_repo_id, resolve_folder
 from style_aligned.weights.loading import StableDiffusion
 from style_aligned.weights.safetensors_io import SafetensorsReader, WeightsError
@@ -23,8 +24,9 @@ FLUX_PIPELINES: dict[ModelKind, str] = {
 
 def flux_kind(reference: str | Path) -> ModelKind | None:
     """`"flux_dev"` or `"flux_schnell"` if the reference names a FLUX.1 model (a Hub id of a `FluxPipeline` repo, a
-    diffusers folder, a transformer file in Black Forest Labs' or diffusers' layout), told from its
-    `model_index.json` and transformer `config.json`, or a file's tensor names; None otherwise (an SD1 or SDXL model,
+    diffusers folder, a folder written by `convert`, a transformer file in Black Forest Labs' or diffusers' layout),
+    told from its `model_index.json` and transformer `config.json`, its `flux.json`, or a file's tensor names; None
+    otherwise (an SD1 or SDXL model,
     or a reference that loading will report: a Hub id that cannot be fetched now).
     """
     path = Path(reference).expanduser()
@@ -37,6 +39,9 @@ def flux_kind(reference: str | Path) -> ModelKind | None:
             path = resolve_folder(reference, ["model_index.json", "transformer/config.json"])
         except WeightsError:
             return None
+    if is_converted_flux(path):
+        guidance = converted_flux_index(path)["transformer"].get("guidance_embeds", True)
+        return "flux_dev" if guidance else "flux_schnell"
     index = path / "model_index.json"
     if not index.is_file() or json.loads(index.read_text()).get("_class_name") != "FluxPipeline":
         return None

@@ -135,3 +135,19 @@ def test_the_app_makes_a_flux_set_with_its_previews(flux_models: FluxModels, tmp
     (folder,) = [path for path in tmp_path.iterdir() if path.is_dir()]
     assert sidecar(folder)["backbone"] == "flux_dev" and "pending" not in sidecar(folder)
     assert len(previews) == 2 and previews[0].size[0] > 0
+
+
+def test_convert_writes_a_folder_that_model_loads_again(flux_folder: Path, tmp_path: Path) -> None:
+    converted = tmp_path / "converted"
+    cli(["convert", "--from", str(flux_folder), "--to", str(converted)])
+    assert (converted / "flux.json").is_file() and (converted / "transformer.safetensors").is_file()
+    options = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--size", "32", "--steps", "1", "--dtype", "bfloat16"]
+    cli(["generate", "--model", str(converted), *options, "--out", str(tmp_path / "from-converted")])
+    cli(["generate", "--model", str(flux_folder), *options, "--out", str(tmp_path / "from-diffusers")])
+    names = sidecar(tmp_path / "from-converted")["images"]
+    assert sidecar(tmp_path / "from-converted")["backbone"] == "flux_dev"
+    for name in names:
+        first, second = (
+            np.asarray(Image.open(tmp_path / folder / name)) for folder in ("from-converted", "from-diffusers")
+        )
+        assert np.array_equal(first, second), name
