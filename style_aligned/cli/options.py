@@ -271,12 +271,15 @@ def model_kind_given(args: argparse.Namespace) -> Any:
 
 
 def check_for_model(args: argparse.Namespace, spec: Any) -> None:
-    """Check a spec against what `--model` takes, before the model loads (see `SetSpec.refusals`).
+    """Check a spec against what `--model` takes, before the model loads (see `SetSpec.refusals`); the model's kind
+    is told once per command.
 
     Raises:
         ValueError: Naming the first problem.
     """
-    spec.resolved(model_kind_given(args) or "sd1")  # SD1 and SDXL refuse the same options
+    if not hasattr(args, "model_kind"):
+        args.model_kind = model_kind_given(args)
+    spec.resolved(args.model_kind or "sd1")  # SD1 and SDXL refuse the same options
 
 
 def load_model(args: argparse.Namespace) -> Any:

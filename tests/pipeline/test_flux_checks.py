@@ -100,3 +100,14 @@ def test_schnell_guidance_offload_transfer_and_batch_lines_fail_before_any_model
     )
     error = error_of(["batch", str(manifest), "--model", str(schnell), "--out", str(tmp_path / "batch")], capsys)
     assert "no negative prompt" in error
+
+
+@pytest.mark.usefixtures("no_model")
+def test_a_sweep_setting_that_flux_does_not_take_fails_before_any_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = flux_index(tmp_path / "FLUX.1-dev")
+    grid = ["--grid", "share_group_norm=false,true"]
+    error = error_of(["sweep", "--model", str(model), *PROMPTS, *grid, "--out", str(tmp_path / "sweep")], capsys)
+    assert "share_group_norm does not apply to FLUX.1" in error
+    assert not (tmp_path / "sweep").exists()
