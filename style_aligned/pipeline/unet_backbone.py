@@ -112,14 +112,13 @@ class UNetBackbone:
         return unconditional + guidance * (conditional - unconditional)
 
     def decode(self, latents: Tensor, spec: SetSpec) -> Image.Image:
-        """The image of one latent `(1, 4, height / 8, width / 8)`, the autoencoder in float32."""
-        with autoencoder_in_float32(self.sd):
-            return self.sd.lda.latents_to_image(latents.to(self.sd.lda.dtype))
+        """The image of one latent `(1, 4, height / 8, width / 8)` (in the `"decode"` stage: in float32)."""
+        return self.sd.lda.latents_to_image(latents.to(self.sd.lda.dtype))
 
     def unpacked(self, latents: Tensor, spec: SetSpec) -> Tensor:
         """The latents as the autoencoder takes them (they are already)."""
         return latents
 
     def stage(self, name: str) -> contextlib.AbstractContextManager[None]:
-        """Every model stays where it is."""
-        return contextlib.nullcontext()
+        """Every model stays where it is; the autoencoder decodes in float32 (see `autoencoder_in_float32`)."""
+        return autoencoder_in_float32(self.sd) if name == "decode" else contextlib.nullcontext()
