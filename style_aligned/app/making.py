@@ -173,7 +173,7 @@ def make_generate_set(job: Job, sd: Any, given: SetSpec, *, model: str, out: Pat
     prompts = spec.image_prompts()
     folder = new_set_folder(out, prompts[0])
     asked = set_request("generate", given, model=model)
-    details = sidecar("generate", spec, prompts, model=model, request=asked)
+    details = sidecar("generate", spec, prompts, model=model, backbone=kind_of(sd), request=asked)
     writer = SetFolder(folder, details, title=set_title("generate", spec.seed))
 
     def run_part(part: list[int], report: Any, preview: Any) -> GeneratedSet:
@@ -252,6 +252,7 @@ def make_transfer_set(
     assert saved is not None
     references = replace(references, **{"trajectories" if reused else "save_trajectories": [saved]})
     details = references.details(model, [trajectory]) | {"request": references.request(model, given)}
+    details |= {"backbone": kind_of(sd)}
     writer = SetFolder(folder, sidecar("transfer", spec, prompts, **details), title=set_title("transfer", spec.seed))
     keep_upload(upload, folder)  # the folder was checked empty by the writer: now it holds the set's inputs
     if not reused:

@@ -167,6 +167,7 @@ class SetWorker:
             "image": str(entry.image) if entry.image else None,
             "caption": trajectory.caption,
             "trajectory": str(entry.trajectory) if entry.trajectory else None,
+            "backbone": kind_of(sd),
         }
         indices = range(spec.num_images()) if task.images is None else task.images
         images = dict(zip(indices, transfer_set(sd, trajectory, spec, images=task.images).images, strict=True))

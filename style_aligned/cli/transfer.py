@@ -71,6 +71,7 @@ def read_image(path: Path) -> "Image.Image":
 
 def run_transfer(args: argparse.Namespace) -> None:
     from style_aligned.pipeline.inversion import ReferenceTrajectory
+    from style_aligned.pipeline.model import kind_of
     from style_aligned.pipeline.set_files import set_title, sidecar
     from style_aligned.pipeline.transfer import make_trajectory, transfer_set
     from style_aligned.pipeline.transfer_inputs import transfer_spec
@@ -100,7 +101,7 @@ def run_transfer(args: argparse.Namespace) -> None:
     if len(trajectories) > 1:  # one reference: its caption is the reference prompt (see `transfer_set`)
         spec = replace(spec, reference_prompts=[trajectory.caption for trajectory in trajectories])
     prompts = [*(t.caption for t in trajectories), *spec.prompts]
-    details = references.details(str(args.model), trajectories) | {"request": asked}
+    details = references.details(str(args.model), trajectories) | {"backbone": kind_of(sd), "request": asked}
     write_set(
         args.out,
         sidecar("transfer", spec, prompts, **details),
