@@ -15,8 +15,11 @@ from typing import Any, Literal, Union, cast, get_args, get_origin, get_type_hin
 import refiners.fluxion.layers as fl
 from refiners.foundationals.latent_diffusion import SD1UNet, SDXLUNet, StableDiffusion_1, StableDiffusion_XL
 
-ModelKind = Literal["sd1", "sdxl"]
-"""The model families StyleAligned supports: Stable Diffusion 1.x (and 2.x-style SD1 U-Nets) and SDXL."""
+ModelKind = Literal["sd1", "sdxl", "flux_dev", "flux_schnell"]
+"""The model families StyleAligned supports: Stable Diffusion 1.x (and 2.x-style SD1 U-Nets), SDXL, and FLUX.1 with a
+guidance embedding ([dev]) or without ([schnell])."""
+FLUX_KINDS: tuple[ModelKind, ...] = ("flux_dev", "flux_schnell")
+"""The model kinds whose backbone is a FLUX.1 transformer (no U-Net)."""
 Block = Literal["down", "mid", "up"]
 """A block of the U-Net: its down blocks, its middle block or its up blocks."""
 BLOCKS: tuple[Block, ...] = get_args(Block)
@@ -163,7 +166,17 @@ class StyleAlignedOptions:
 
     def resolved(self, kind: ModelKind) -> "StyleAlignedOptions":
         """The options with the model kind's defaults filled in (the reference examples: SD1 shares GroupNorm in
-        concat mode; swap mode, as Visual Style Prompting, shares no GroupNorm)."""
+        concat mode; swap mode, as Visual Style Prompting, shares no GroupNorm; FLUX.1 has no GroupNorm).
+
+        Raises:
+            ValueError: If an option does not apply to the model kind (shared GroupNorm or U-Net blocks on FLUX.1).
+        """
+        if kind in FLUX_KINDS:
+            if self.share_group_norm:
+                raise ValueError("share_group_norm does not apply to FLUX.1: its transformer has no GroupNorm")
+            if self.shared_blocks is not None:
+                raise ValueError("shared_blocks names U-Net blocks: FLUX.1 has none")
+            return dataclasses.replace(self, share_group_norm=False)
         if self.share_group_norm is not None:
             return self
         return dataclasses.replace(self, share_group_norm=kind == "sd1" and self.attention_mode == "concat")

@@ -1,4 +1,8 @@
-"""StyleAligned for a whole U-Net: shared attention in its self-attention layers, optionally shared GroupNorm."""
+"""StyleAligned for a whole U-Net: shared attention in its self-attention layers, optionally shared GroupNorm.
+
+A FLUX.1 transformer is taken too, with the same interface (reference cache, `inject`, `eject`); it gets no shared
+layer yet, so its images are made as without StyleAligned.
+"""
 
 from collections.abc import Sequence
 from typing import Generic, TypeVar
@@ -17,12 +21,13 @@ from style_aligned.adapters.unet_layers import (
     select_shared_layers,
     self_attention_layers,
 )
+from style_aligned.flux.transformer import FluxTransformer
 from style_aligned.layers.control_routing import RemoveReferenceControl, RestoreReferenceControl
 from style_aligned.layers.reference_cache import ReferenceCache
 from style_aligned.layers.references import CheckBatchLayout
-from style_aligned.options import StyleAlignedOptions, model_kind
+from style_aligned.options import ModelKind, StyleAlignedOptions, model_kind
 
-T = TypeVar("T", bound="SD1UNet | SDXLUNet")
+T = TypeVar("T", bound="SD1UNet | SDXLUNet | FluxTransformer")
 
 
 class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
@@ -56,7 +61,7 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
         """Initialize the adapter; nothing is changed in the U-Net until `inject`.
 
         Args:
-            target: The U-Net (`SDXLUNet` or `SD1UNet`).
+            target: The U-Net (`SDXLUNet` or `SD1UNet`), or a `FluxTransformer` (no layer is shared in it yet).
             options: How the images share the reference's style (default: `StyleAlignedOptions()`); options left
                 to the model kind (`share_group_norm`) take the reference implementation's example for this U-Net.
             classifier_free_guidance: Whether the batch is an unconditional half followed by a conditional half.
@@ -69,9 +74,9 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
                 > 0, or full attention share is asked with several references.
             RuntimeError: If StyleAligned is already injected in the U-Net.
         """
-        unet = check_unet(target)
+        unet = target if isinstance(target, FluxTransformer) else check_unet(target)
         _check_not_adapted(unet)
-        self.options = (options or StyleAlignedOptions()).resolved(model_kind(unet))
+        self.options = (options or StyleAlignedOptions()).resolved(_kind(unet))
         """The effective options (see `StyleAlignedOptions`); score scale and shift can be changed while injected."""
         self.classifier_free_guidance = classifier_free_guidance
         self.reference_cache = ReferenceCache(reference_weights)
@@ -80,8 +85,10 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
 
         options = self.options
         cache = self.reference_cache
-        self.shared_layers: tuple[SelfAttentionLayer, ...] = tuple(
-            select_shared_layers(self_attention_layers(unet), options)
+        self.shared_layers: tuple[SelfAttentionLayer, ...] = (
+            ()
+            if isinstance(unet, FluxTransformer)
+            else tuple(select_shared_layers(self_attention_layers(unet), options))
         )
         self._attention_adapters = tuple(
             (
@@ -108,7 +115,7 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
         self._check_batch_layout = [CheckBatchLayout(classifier_free_guidance, cache)]
         self._reference_control = (
             []
-            if options.control_reference
+            if options.control_reference or isinstance(unet, FluxTransformer)
             else [RemoveReferenceControl(classifier_free_guidance, cache), RestoreReferenceControl()]
         )
         with self.setup_adapter(target):
@@ -163,7 +170,8 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
                 )
         for adapter, layer_parent in (*self._attention_adapters, *self._group_norm_adapters):
             adapter.inject(layer_parent)
-        self.target.insert(0, self._check_batch_layout[0])
+        if not isinstance(self.target, FluxTransformer):
+            self.target.insert(0, self._check_batch_layout[0])
         if self._reference_control:  # just before the down blocks (after every control branch), and last
             remove, restore = self._reference_control
             self.target.insert(next(i for i, m in enumerate(self.target) if isinstance(m, DOWN_BLOCKS)), remove)
@@ -179,13 +187,20 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
         """
         if not self._injected:
             raise RuntimeError("this StyleAlignedAdapter is not injected: there is nothing to eject")
-        self.target.remove(self._check_batch_layout[0])
+        if not isinstance(self.target, FluxTransformer):
+            self.target.remove(self._check_batch_layout[0])
         for layer in self._reference_control:
             self.target.remove(layer)
         for adapter, _ in (*self._attention_adapters, *self._group_norm_adapters):
             adapter.eject()
         self._injected = False
         super().eject()
+
+
+def _kind(target: "SD1UNet | SDXLUNet | FluxTransformer") -> ModelKind:
+    if isinstance(target, FluxTransformer):
+        return "flux_dev" if target.config.guidance_embeds else "flux_schnell"
+    return model_kind(target)
 
 
 def _check_not_adapted(unet: fl.Chain) -> None:

@@ -18,8 +18,8 @@ from torch import Tensor
 from style_aligned.app.files import APP_FOLDER, keep_upload, kept_upload, new_set_folder, zip_folder
 from style_aligned.app.preview import latent_preview
 from style_aligned.app.studio import Cancelled, Job
-from style_aligned.options import model_kind
 from style_aligned.pipeline.images import labelled_grid, save_png
+from style_aligned.pipeline.model import kind_of
 from style_aligned.pipeline.plan import SetPlan
 from style_aligned.pipeline.progress import ProgressEvent
 from style_aligned.pipeline.set_files import (
@@ -92,7 +92,7 @@ def write_parts(
     parts = plan.parts()
     works = [plan.work(part[plan.num_references :], steps=steps) for part in parts]
     total = total or done_before + sum(works)
-    kind = model_kind(sd)
+    kind = kind_of(sd)
     folder.start()
     try:
         for number, part in enumerate(parts, start=1):
@@ -173,14 +173,14 @@ def make_generate_set(job: Job, sd: Any, given: SetSpec, *, model: str, out: Pat
     prompts = spec.image_prompts()
     folder = new_set_folder(out, prompts[0])
     asked = set_request("generate", given, model=model)
-    details = sidecar("generate", spec, prompts, model=model, request=asked)
+    details = sidecar("generate", spec, prompts, model=model, backbone=kind_of(sd), request=asked)
     writer = SetFolder(folder, details, title=set_title("generate", spec.seed))
 
     def run_part(part: list[int], report: Any, preview: Any) -> GeneratedSet:
         return generate_set(sd, spec, progress=report, images=part, preview=preview)
 
     def make() -> None:
-        write_parts(job, sd=sd, folder=writer, plan=spec.plan(), steps=spec.steps, run_part=run_part)
+        write_parts(job, sd=sd, folder=writer, plan=spec.plan(), steps=spec.num_steps, run_part=run_part)
 
     _guarded(job, out, folder, make, f"Done: {len(prompts)} images in {folder}")
 
@@ -240,11 +240,11 @@ def make_transfer_set(
     spec = given.resolved(sd)
     prompts = [caption, *spec.prompts]
     digest = hashlib.sha256(upload.read_bytes()).hexdigest()
-    key = (digest, caption, spec.steps, spec.width, spec.height, spec.fit, spec.inversion_guidance)
+    key = (digest, caption, spec.num_steps, spec.width, spec.height, spec.fit, spec.inversion_guidance)
     plan = spec.plan()
-    parts_work = sum(plan.work(part[plan.num_references :], steps=spec.steps) for part in plan.parts())
+    parts_work = sum(plan.work(part[plan.num_references :], steps=spec.num_steps) for part in plan.parts())
     reusable = memory.key == key and memory.file is not None and memory.file.is_file()
-    total = parts_work + (0 if reusable else spec.steps)
+    total = parts_work + (0 if reusable else spec.num_steps)
     trajectory, reused = _inversion(job, sd, spec, image=image, caption=caption, key=key, memory=memory, total=total)
     folder = new_set_folder(out, f"transfer {caption}")
     references = replace(references, images=[kept_upload(upload, folder)])
@@ -252,6 +252,7 @@ def make_transfer_set(
     assert saved is not None
     references = replace(references, **{"trajectories" if reused else "save_trajectories": [saved]})
     details = references.details(model, [trajectory]) | {"request": references.request(model, given)}
+    details |= {"backbone": kind_of(sd)}
     writer = SetFolder(folder, sidecar("transfer", spec, prompts, **details), title=set_title("transfer", spec.seed))
     keep_upload(upload, folder)  # the folder was checked empty by the writer: now it holds the set's inputs
     if not reused:
@@ -263,13 +264,13 @@ def make_transfer_set(
         return transfer_set(sd, trajectory, spec, progress=report, images=part, preview=preview)
 
     def make() -> None:
-        done_before = 0 if reused else spec.steps
+        done_before = 0 if reused else spec.num_steps
         write_parts(
             job,
             sd=sd,
             folder=writer,
             plan=plan,
-            steps=spec.steps,
+            steps=spec.num_steps,
             run_part=run_part,
             done_before=done_before,
             total=total,

@@ -16,6 +16,7 @@ from style_aligned.pipeline.set_files import set_request
 from style_aligned.pipeline.spec import SetSpec
 from style_aligned.pipeline.spec_fields import convert, read_spec, spec_fields
 from style_aligned.pipeline.transfer import TransferSpec
+from style_aligned.weights.families import flux_kind
 
 Kind = Literal["generate", "transfer"]
 SPECS: dict[str, type[SetSpec]] = {"generate": SetSpec, "transfer": TransferSpec}
@@ -207,7 +208,7 @@ def check(entry: SetEntry) -> None:
     """
     spec = entry.spec
     if entry.steps_from_trajectory() and isinstance(spec, TransferSpec):  # its steps are read when the set runs
-        spec = replace(spec, steps=max(spec.steps, spec.offset + 1))
-    spec.resolved("sd1")
+        spec = replace(spec, steps=max(spec.steps or 1, spec.offset + 1))
+    spec.resolved(flux_kind(entry.model) or "sd1")  # SD1 and SDXL refuse the same options
     if entry.split > 1 and entry.num_targets < entry.split:
         raise ValueError(f"split {entry.split} needs at least {entry.split} targets, this set has {entry.num_targets}")

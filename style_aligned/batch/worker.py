@@ -13,9 +13,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from style_aligned.batch.manifest import SetEntry
+from style_aligned.flux.models import FluxModels
 from style_aligned.pipeline.generate import generate_set
 from style_aligned.pipeline.inversion import ReferenceTrajectory
-from style_aligned.pipeline.model import StableDiffusion
+from style_aligned.pipeline.model import Model, kind_of
 from style_aligned.pipeline.set_files import set_title, sidecar
 from style_aligned.pipeline.transfer import TransferSpec, make_trajectory, transfer_set
 
@@ -83,7 +84,8 @@ class SetWorker:
 
         Args:
             device: The torch device (default: `cuda` if available, else `cpu`).
-            dtype: `float32`, `float16` or `bfloat16` (default: float16 on a GPU, float32 on the CPU).
+            dtype: `float32`, `float16` or `bfloat16` (default: float32 on the CPU; on a GPU float16, bfloat16 for
+                FLUX.1).
             cache_dir: For diffusers model folders, where their conversion is kept.
             threads: The number of CPU threads of torch (default: as it is). On the CPU, results depend on it in the
                 last bits: workers that use the same number make the same images.
@@ -92,9 +94,10 @@ class SetWorker:
             torch.set_num_threads(threads)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = DTYPES[dtype] if dtype else (torch.float32 if self.device == "cpu" else torch.float16)
+        self._half = DTYPES[dtype] if dtype else None
         self.cache_dir = cache_dir
         self._model: Path | None = None
-        self._sd: StableDiffusion | None = None
+        self._sd: Model | None = None
 
     def where(self) -> str:
         """The device and dtype, for messages (the GPU's name on CUDA)."""
@@ -103,15 +106,19 @@ class SetWorker:
             device = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
         return f"{device}, {str(self.dtype).removeprefix('torch.')}"
 
-    def pipeline(self, model: Path) -> StableDiffusion:
-        """The pipeline of `model`, loaded on first use (the previous one is dropped first)."""
-        from style_aligned.weights.loading import load_pipeline
+    def pipeline(self, model: Path) -> Model:
+        """The models of `model` (a Stable Diffusion pipeline or FLUX.1's), loaded on first use (the previous ones are
+        dropped first)."""
+        from style_aligned.weights.families import flux_kind, load_models
 
         if self._sd is None or self._model != model:
             self._sd, self._model = None, None
             gc.collect()
+            dtype = self.dtype
+            if self._half is None and dtype == torch.float16 and flux_kind(model) is not None:
+                dtype = torch.bfloat16  # FLUX.1 is published in bfloat16
             print(f"loading {model} on {self.where()}", file=sys.stderr)
-            self._sd = load_pipeline(model, device=self.device, dtype=self.dtype, cache_dir=self.cache_dir)
+            self._sd = load_models(model, device=self.device, dtype=dtype, cache_dir=self.cache_dir)
             self._model = model
         return self._sd
 
@@ -122,17 +129,17 @@ class SetWorker:
             return self._transfer(sd, task)
         return self._generate(sd, task)
 
-    def _generate(self, sd: StableDiffusion, task: Task) -> Rendered:
+    def _generate(self, sd: Model, task: Task) -> Rendered:
         entry = task.entry
         spec = entry.spec.resolved(sd)
         indices = range(spec.num_images()) if task.images is None else task.images
         made = generate_set(sd, spec, images=task.images).images
         images = dict(zip(indices, made, strict=True))
         prompts = spec.image_prompts()
-        details = sidecar("generate", spec, prompts, model=str(entry.model))
+        details = sidecar("generate", spec, prompts, model=str(entry.model), backbone=kind_of(sd))
         return Rendered(images=images, prompts=prompts, details=details, title=set_title("generate", spec.seed))
 
-    def _transfer(self, sd: StableDiffusion, task: Task) -> Rendered | ReferenceTrajectory:
+    def _transfer(self, sd: Model, task: Task) -> Rendered | ReferenceTrajectory:
         entry = task.entry
         trajectory = task.trajectory or (ReferenceTrajectory.load(entry.trajectory) if entry.trajectory else None)
         spec = entry.spec
@@ -141,7 +148,8 @@ class SetWorker:
             spec = replace(spec, steps=len(trajectory.timesteps))
         if trajectory is not None and spec.width is None and spec.height is None:
             spec = replace(spec, width=trajectory.width, height=trajectory.height)
-        spec = spec.resolved(sd)
+        spec = spec.resolved(sd)  # FLUX.1 is refused here
+        assert not isinstance(sd, FluxModels)
         if trajectory is None:
             assert entry.image is not None and entry.caption is not None
             try:
@@ -159,6 +167,7 @@ class SetWorker:
             "image": str(entry.image) if entry.image else None,
             "caption": trajectory.caption,
             "trajectory": str(entry.trajectory) if entry.trajectory else None,
+            "backbone": kind_of(sd),
         }
         indices = range(spec.num_images()) if task.images is None else task.images
         images = dict(zip(indices, transfer_set(sd, trajectory, spec, images=task.images).images, strict=True))

@@ -9,6 +9,7 @@ from style_aligned.cli.options import (
     add_set_options,
     add_style_options,
     check_files,
+    check_for_model,
     check_out,
     default_help,
     given,
@@ -49,9 +50,11 @@ def generate_spec(args: argparse.Namespace) -> "SetSpec":
 
 def run_generate(args: argparse.Namespace) -> None:
     from style_aligned.pipeline.generate import generate_set
+    from style_aligned.pipeline.model import kind_of
     from style_aligned.pipeline.set_files import set_request, set_title, sidecar
 
     spec = generate_spec(args)  # everything that can be checked before the model is read
+    check_for_model(args, spec)
     asked = set_request("generate", spec, model=str(args.model))
     if check_out(args.out, asked, args.overwrite):
         return say_complete(args.out)
@@ -60,7 +63,7 @@ def run_generate(args: argparse.Namespace) -> None:
     spec = spec.resolved(sd)
     write_set(
         args.out,
-        sidecar("generate", spec, spec.image_prompts(), model=str(args.model), request=asked),
+        sidecar("generate", spec, spec.image_prompts(), model=str(args.model), backbone=kind_of(sd), request=asked),
         lambda images, progress: generate_set(sd, spec, progress=progress, images=images),
         plan=spec.plan(),
         title=set_title("generate", spec.seed),

@@ -31,12 +31,23 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--model",
         default=DEFAULT_MODEL,
         metavar="MODEL",
-        help="a Hugging Face Hub repo id org/name[@revision], a diffusers or converted folder, or a single-file"
-        f" SD1/SDXL checkpoint (.safetensors, original layout); default: {DEFAULT_MODEL}",
+        help="a Hugging Face Hub repo id org/name[@revision], a diffusers or converted folder, a single-file SD1/SDXL"
+        " checkpoint (.safetensors, original layout), or a FLUX.1 pipeline (Hub id, diffusers folder) or transformer"
+        f" file (flux1-dev.safetensors); default: {DEFAULT_MODEL}",
     )
     group.add_argument("--cache-dir", type=Path, help="keep the conversion of a diffusers folder or single file here")
     group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    group.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: float16 on GPU, float32 on CPU")
+    group.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default=None,
+        help="default: float32 on CPU; on GPU float16, bfloat16 for FLUX.1",
+    )
+    group.add_argument(
+        "--offload",
+        action="store_true",
+        help="FLUX.1: keep only the model in use on the GPU (text encoders, then transformer, then autoencoder)",
+    )
 
 
 def add_style_options(parser: argparse.ArgumentParser) -> None:
@@ -244,13 +255,43 @@ def check_files(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"{reference} does not exist (give a file, or a Hub file as org/name/path/in/repo)")
 
 
+def model_kind_given(args: argparse.Namespace) -> Any:
+    """The kind of `--model` if it is FLUX.1 (`"flux_dev"`, `"flux_schnell"`), told without loading it, or None for
+    an SD1 or SDXL model (see `flux_kind`).
+
+    Raises:
+        ValueError: If `--offload` is given for an SD1 or SDXL model.
+    """
+    from style_aligned.weights.families import flux_kind
+
+    kind = flux_kind(args.model)
+    if getattr(args, "offload", False) and kind is None:
+        raise ValueError("--offload is for FLUX.1 models; SD1 and SDXL fit the accelerator whole")
+    return kind
+
+
+def check_for_model(args: argparse.Namespace, spec: Any) -> None:
+    """Check a spec against what `--model` takes, before the model loads (see `SetSpec.refusals`); the model's kind
+    is told once per command.
+
+    Raises:
+        ValueError: Naming the first problem.
+    """
+    if not hasattr(args, "model_kind"):
+        args.model_kind = model_kind_given(args)
+    spec.resolved(args.model_kind or "sd1")  # SD1 and SDXL refuse the same options
+
+
 def load_model(args: argparse.Namespace) -> Any:
-    from style_aligned.weights.loading import load_pipeline
+    from style_aligned.weights.families import flux_kind, load_models
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device == "cpu" else torch.float16)
-    print(f"loading {args.model} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
-    return load_pipeline(args.model, device=device, dtype=dtype, cache_dir=args.cache_dir)
+    half = torch.bfloat16 if flux_kind(args.model) else torch.float16
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device == "cpu" else half)
+    offload = getattr(args, "offload", False)
+    where = f"{device}{', offloaded' if offload else ''}"
+    print(f"loading {args.model} on {where} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
+    return load_models(args.model, device=device, dtype=dtype, cache_dir=args.cache_dir, offload=offload)
 
 
 class ProgressBar:

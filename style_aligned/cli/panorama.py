@@ -8,6 +8,7 @@ from style_aligned.cli.options import (
     add_field_options,
     add_model_options,
     add_style_options,
+    check_for_model,
     given,
     load_model,
     size,
@@ -54,6 +55,7 @@ def run_panorama(args: argparse.Namespace) -> None:
         values["style"] = base | style
     spec = read_spec(PanoramaSpec, values)
     spec.check()  # before the model loads
+    check_for_model(args, spec)
     sd = load_model(args)
     spec = spec.resolved(sd)
     views = panorama_views(spec)

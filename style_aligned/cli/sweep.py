@@ -3,6 +3,7 @@
 import argparse
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,7 @@ from style_aligned.cli.options import (
     add_set_options,
     add_style_options,
     check_files,
+    check_for_model,
     check_out,
     given,
     load_model,
@@ -68,6 +70,8 @@ def run_sweep_command(args: argparse.Namespace) -> None:
     for name in (args.clip, args.dino):
         if name is not None and not Path(name).is_dir() and parse_repo_id(name) is None:
             raise FileNotFoundError(f"the scorer {name} is neither a folder nor a Hub repo id (org/name)")
+    for setting in settings:  # each set of the grid, against what the model takes
+        check_for_model(args, replace(spec, style=spec.style.replace(**setting)))
     check_out(args.out, {}, args.overwrite)  # a sweep replaces a set or a sweep only with --overwrite
     check_files(args)
     sd = load_model(args)

@@ -13,6 +13,7 @@ from style_aligned.cli.options import (
     add_set_options,
     add_style_options,
     check_files,
+    check_for_model,
     check_out,
     default_help,
     given,
@@ -70,6 +71,7 @@ def read_image(path: Path) -> "Image.Image":
 
 def run_transfer(args: argparse.Namespace) -> None:
     from style_aligned.pipeline.inversion import ReferenceTrajectory
+    from style_aligned.pipeline.model import kind_of
     from style_aligned.pipeline.set_files import set_title, sidecar
     from style_aligned.pipeline.transfer import make_trajectory, transfer_set
     from style_aligned.pipeline.transfer_inputs import transfer_spec
@@ -79,6 +81,7 @@ def run_transfer(args: argparse.Namespace) -> None:
     trajectories = [ReferenceTrajectory.load(path) for path in references.trajectories]
     spec = transfer_spec(transfer_values(args), references, trajectories[0] if trajectories else None)
     pictures = [read_image(path) for path in references.images]  # checked before the model is loaded
+    check_for_model(args, spec)
     asked = references.request(str(args.model), spec)
     if check_out(args.out, asked, args.overwrite):
         return say_complete(args.out)
@@ -98,7 +101,7 @@ def run_transfer(args: argparse.Namespace) -> None:
     if len(trajectories) > 1:  # one reference: its caption is the reference prompt (see `transfer_set`)
         spec = replace(spec, reference_prompts=[trajectory.caption for trajectory in trajectories])
     prompts = [*(t.caption for t in trajectories), *spec.prompts]
-    details = references.details(str(args.model), trajectories) | {"request": asked}
+    details = references.details(str(args.model), trajectories) | {"backbone": kind_of(sd), "request": asked}
     write_set(
         args.out,
         sidecar("transfer", spec, prompts, **details),

@@ -23,7 +23,7 @@ from style_aligned.extras import require
 from style_aligned.options import option_fields, parse_option
 
 if TYPE_CHECKING:
-    from style_aligned.pipeline.model import StableDiffusion
+    from style_aligned.pipeline.model import Model
     from style_aligned.pipeline.progress import Progress, ProgressEvent
     from style_aligned.pipeline.spec import SetSpec
 
@@ -243,7 +243,7 @@ def _tables(settings: list[dict[str, Any]], scores: list[SetScores], csv_path: P
 
 
 def _sweep_set(
-    sd: "StableDiffusion",
+    sd: "Model",
     spec: "SetSpec",
     folder: Path,
     *,
@@ -253,10 +253,11 @@ def _sweep_set(
 ) -> list[Image.Image]:
     """Make one setting's set in its folder, as `generate` writes it (see `SetFolder`); returns its images."""
     from style_aligned.pipeline.generate import generate_set
+    from style_aligned.pipeline.model import kind_of
     from style_aligned.pipeline.set_files import SetFolder, make_set, set_request, sidecar
 
     asked = set_request("generate", spec, **details, sweep=sweep)
-    files = sidecar("generate", spec, spec.image_prompts(), **details, sweep=sweep, request=asked)
+    files = sidecar("generate", spec, spec.image_prompts(), **details, backbone=kind_of(sd), sweep=sweep, request=asked)
     set_folder = SetFolder(folder, files, title=f"{sweep['label']}, seed {spec.seed}")
     make_set(
         set_folder,
@@ -299,7 +300,7 @@ def _score(
 
 
 def run_sweep(
-    sd: "StableDiffusion",
+    sd: "Model",
     spec: "SetSpec",
     settings: Sequence[Mapping[str, Any]],
     *,
@@ -317,7 +318,7 @@ def run_sweep(
     their scores, once scored).
 
     Args:
-        sd: The model (see `style_aligned.weights.loading.load_pipeline`).
+        sd: The model: a Stable Diffusion pipeline or FLUX.1's models (see `style_aligned.weights.families`).
         spec: The set; its `style` holds the options that every setting shares.
         settings: The `StyleAlignedAdapter` options of each set (e.g. from `parse_grid`), over `spec.style`.
         out: The output folder.
@@ -336,6 +337,7 @@ def run_sweep(
         FileNotFoundError: If a scorer's folder is missing.
     """
     from style_aligned.adapters.style_aligned_adapter import StyleAlignedAdapter
+    from style_aligned.pipeline.backbone import backbone_of
     from style_aligned.pipeline.images import save_png
     from style_aligned.pipeline.set_files import sidecar, write_json
 
@@ -344,10 +346,11 @@ def run_sweep(
         raise ValueError("a sweep needs at least one setting")
     spec = spec.resolved(sd)
     specs = [replace(spec, style=spec.style.replace(**setting)).resolved(sd) for setting in plain]
+    backbone = backbone_of(sd)
     for setting_spec in specs:
-        StyleAlignedAdapter(sd.unet, setting_spec.style)  # checks the layers; nothing changes until injected
+        StyleAlignedAdapter(backbone.target, setting_spec.style)  # checks the layers; nothing changes until injected
     prompts = spec.image_prompts()
-    scorers = _scorers(clip, dino, images=len(prompts), device=sd.device)
+    scorers = _scorers(clip, dino, images=len(prompts), device=backbone.device)
     labels = [setting_label(setting) for setting in plain]
     folders = [out / f"{number:02d}-{label.replace(', ', ',')}" for number, label in enumerate(labels, start=1)]
     summary = {

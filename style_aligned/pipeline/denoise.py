@@ -10,9 +10,8 @@ from refiners.foundationals.latent_diffusion.solvers import Solver
 from torch import Tensor
 
 from style_aligned.adapters.style_aligned_adapter import StyleAlignedAdapter
-from style_aligned.pipeline.composition import Composition
-from style_aligned.pipeline.conditioning import SetConditioning
-from style_aligned.pipeline.model import StableDiffusion, lcm_guidance_embedding
+from style_aligned.pipeline.backbone import Backbone, Conditioning, backbone_of
+from style_aligned.pipeline.model import Model
 from style_aligned.pipeline.plan import SetPlan
 from style_aligned.pipeline.progress import Preview, Progress, ProgressEvent
 from style_aligned.pipeline.solvers import fresh_copy, image_generators, is_stochastic, solver_step
@@ -20,7 +19,7 @@ from style_aligned.pipeline.spec import SetSpec
 
 
 def predict_noise(
-    sd: StableDiffusion,
+    backbone: Backbone,
     x: Tensor,
     step: int,
     *,
@@ -29,29 +28,30 @@ def predict_noise(
     guidance: float,
     classifier_free_guidance: bool,
 ) -> Tensor:
-    """The guided noise prediction of a batch of latents, as `LatentDiffusionModel.forward` computes it."""
-    sd.set_unet_context(timestep=solver.timesteps[step].unsqueeze(dim=0), **conditioning)
-    latents = torch.cat((x, x)) if classifier_free_guidance else x
-    latents = solver.scale_model_input(latents, step=step)
-    if not classifier_free_guidance:
-        return sd.unet(latents)
-    unconditional, conditional = sd.unet(latents).chunk(2)
-    return unconditional + guidance * (conditional - unconditional)
+    """The model's (guided) prediction for a batch of latents at a step (see `Backbone.predict`)."""
+    return backbone.predict(
+        x,
+        step,
+        solver=solver,
+        conditioning=conditioning,
+        guidance=guidance,
+        classifier_free_guidance=classifier_free_guidance,
+    )
 
 
 def denoise_set(
-    sd: StableDiffusion,
+    model: Model | Backbone,
     adapter: StyleAlignedAdapter[Any],
     latents: Tensor,
     *,
-    conditioning: SetConditioning,
+    conditioning: Conditioning,
     guidance: float,
     chunk_size: int | None = None,
     steps: Sequence[int] | None = None,
     after_reference_step: Callable[[int, Tensor], Tensor] | None = None,
     before_call: Callable[[list[int]], None] | None = None,
     progress: Progress | None = None,
-    solver: Solver | None = None,
+    solver: Solver,
     generators: Sequence[torch.Generator] | None = None,
     targets: Sequence[int] | None = None,
 ) -> Tensor:
@@ -63,9 +63,10 @@ def denoise_set(
     a history (DPM-Solver++) never mixes the histories of different calls.
 
     Args:
-        sd: The model, with `adapter` injected in its U-Net.
+        model: The model (or its backbone), with `adapter` injected in its U-Net or transformer.
         adapter: The StyleAligned adapter.
-        latents: The initial latents, the reference first: `(images, 4, height / 8, width / 8)`.
+        latents: The initial latents, the reference first (`(images, 4, height / 8, width / 8)` for a U-Net, packed
+            tokens for FLUX.1).
         conditioning: The text conditioning of the images.
         guidance: The classifier-free guidance scale (unused without classifier-free guidance).
         chunk_size: How many targets run together (default: all).
@@ -74,7 +75,7 @@ def denoise_set(
             to continue from (style transfer makes the reference follow an inversion trajectory this way).
         before_call: Called with the images of each U-Net call before it (to set per-image control inputs).
         progress: Called after each U-Net call, over the set's work (`SetPlan.work`; decoding comes last).
-        solver: The solver (default: the model's); it is copied, never stepped itself.
+        solver: The solver; it is copied, never stepped itself.
         generators: One generator per image, for a stochastic solver (default: the global generator, shared).
         targets: Only these targets are denoised, whole chunks of the set (default: all); the reference is computed
             as for the whole set, so a set split into shares of chunks gives the same latents as the whole set.
@@ -82,7 +83,7 @@ def denoise_set(
     Returns:
         The final latents (the targets not denoised are left as they were).
     """
-    solver = sd.solver if solver is None else solver
+    backbone = backbone_of(model)
     steps = list(solver.inference_steps if steps is None else steps)
     x = latents.clone()
     cache = adapter.reference_cache
@@ -103,7 +104,7 @@ def denoise_set(
                 mode = cache.record() if call == 1 else cache.replay()
                 with mode if len(groups) > 1 else contextlib.nullcontext():
                     noise = predict_noise(
-                        sd,
+                        backbone,
                         x[rows],
                         step,
                         solver=solvers[call - 1],
@@ -143,7 +144,7 @@ def _rows(images: list[int], device: torch.device) -> slice | Tensor:
 
 
 def denoise_with_extras(
-    sd: StableDiffusion,
+    model: Model | Backbone,
     spec: SetSpec,
     latents: Tensor,
     *,
@@ -154,15 +155,17 @@ def denoise_with_extras(
 ) -> Tensor:
     """Run `denoise_set` under `solver` with the spec's extras applied and StyleAligned injected, then remove them.
 
-    Without classifier-free guidance (a guidance scale of 1 or less, or a model with an LCM guidance embedding, which
-    then gets the guidance scale), the adapter is made with `classifier_free_guidance=False` and the batch has one
-    half. A stochastic solver draws each image's noise from a generator seeded by the spec's seed and the image.
-    The model's adapters, weights and LCM guidance scale are as before when this returns, whether it succeeds or fails.
+    The text conditioning is made first (the text encoders' stage), then the denoising (the U-Net's or the
+    transformer's stage). Without classifier-free guidance (a guidance scale of 1 or less, a model with an LCM
+    guidance embedding, which then gets the guidance scale, or FLUX.1), the adapter is made with
+    `classifier_free_guidance=False` and the batch has one half. A stochastic solver draws each image's noise from a
+    generator seeded by the spec's seed and the image. The model's adapters, weights and LCM guidance scale are as
+    before when this returns, whether it succeeds or fails.
 
     Args:
-        sd: The model.
+        model: The model (or its backbone).
         spec: The resolved set (its `style`, extras, size, guidance, seed and chunk size are used).
-        latents: The initial latents, the reference first (scaled for the solver: see `initial_latents`).
+        latents: The initial latents, the reference first (scaled for the solver: see `Backbone.initial_latents`).
         solver: The solver to denoise with (copied, not stepped itself).
         progress: See `denoise_set`.
         after_reference_step: See `denoise_set`.
@@ -171,40 +174,34 @@ def denoise_with_extras(
     Returns:
         The final latents.
     """
-    assert spec.width is not None and spec.height is not None and spec.guidance is not None
-    conditioning = SetConditioning(sd, spec.image_prompts(), spec.negative_prompt, width=spec.width, height=spec.height)
-    lcm = lcm_guidance_embedding(sd)
-    cfg = spec.classifier_free_guidance and lcm is None
+    backbone = backbone_of(model)
+    assert spec.guidance is not None or backbone.kind == "flux_schnell"
+    with backbone.stage("text"):
+        conditioning = backbone.conditioning(spec)
+    cfg = backbone.classifier_free_guidance(spec)
     adapter = StyleAlignedAdapter(
-        sd.unet, spec.style, classifier_free_guidance=cfg, reference_weights=spec.mixture_weights()
+        backbone.target, spec.style, classifier_free_guidance=cfg, reference_weights=spec.mixture_weights()
     )
-    generators = image_generators(spec.seed, latents.shape[0], sd.device) if is_stochastic(solver) else None
-    previous_scale = None if lcm is None else lcm.condition_scale
-    try:
-        if lcm is not None:
-            lcm.set_condition_scale(spec.guidance)
-        with Composition(sd, spec.extras(), latents.shape[0], width=spec.width, height=spec.height) as composition:
-            adapter.inject()
-            try:
-                return denoise_set(
-                    sd,
-                    adapter,
-                    latents,
-                    conditioning=conditioning,
-                    guidance=spec.guidance,
-                    chunk_size=spec.chunk_size,
-                    after_reference_step=after_reference_step,
-                    before_call=lambda images: composition.before_call(images, classifier_free_guidance=cfg),
-                    progress=progress,
-                    solver=solver,
-                    generators=generators,
-                    targets=targets,
-                )
-            finally:
-                adapter.eject()
-    finally:
-        if lcm is not None and previous_scale is not None:
-            lcm.set_condition_scale(previous_scale)
+    generators = image_generators(spec.seed, latents.shape[0], backbone.device) if is_stochastic(solver) else None
+    with backbone.stage("denoise"), backbone.composed(spec, latents.shape[0]) as before_call:
+        adapter.inject()
+        try:
+            return denoise_set(
+                backbone,
+                adapter,
+                latents,
+                conditioning=conditioning,
+                guidance=spec.guidance or 0.0,
+                chunk_size=spec.chunk_size,
+                after_reference_step=after_reference_step,
+                before_call=before_call,
+                progress=progress,
+                solver=solver,
+                generators=generators,
+                targets=targets,
+            )
+        finally:
+            adapter.eject()
 
 
 def with_preview(

@@ -22,11 +22,11 @@ from refiners.foundationals.latent_diffusion.multi_diffusion import DiffusionTar
 from torch import Tensor
 
 from style_aligned.adapters.style_aligned_adapter import StyleAlignedAdapter
-from style_aligned.options import ModelKind, StyleAlignedOptions, model_kind, setting
+from style_aligned.options import FLUX_KINDS, ModelKind, StyleAlignedOptions, setting
 from style_aligned.pipeline.conditioning import SetConditioning
 from style_aligned.pipeline.images import Fit
 from style_aligned.pipeline.inversion import ReferenceTrajectory, encode_image, invert
-from style_aligned.pipeline.model import StableDiffusion, autoencoder_in_float32
+from style_aligned.pipeline.model import Model, StableDiffusion, autoencoder_in_float32, kind_of
 from style_aligned.pipeline.progress import Preview, Progress, ProgressEvent
 from style_aligned.pipeline.solvers import ddim
 from style_aligned.pipeline.spec import DEFAULT_GUIDANCE, DEFAULT_SIZE, DEFAULT_STEPS
@@ -72,7 +72,7 @@ class PanoramaSpec:
     )
     negative_prompt: str = setting("", help="negative prompt of the reference and the panorama")
     seed: int = setting(0, help="seed of the initial noise (the reference's first, then the canvas's)")
-    steps: int = setting(DEFAULT_STEPS, help="DDIM steps")
+    steps: int = setting(DEFAULT_STEPS["sd1"], help="DDIM steps")
     guidance: float | None = setting(None, help="classifier-free guidance (default: 5 SDXL, 7.5 SD1)")
     width: int | None = setting(None, help="panorama width in pixels (default: 2048 SD1, 4096 SDXL)")
     height: int | None = setting(None, help="panorama height in pixels (default: 512 SD1, 1024 SDXL)")
@@ -86,13 +86,15 @@ class PanoramaSpec:
     inversion_guidance: float = setting(INVERSION_GUIDANCE, help="guidance of the inversion")
     fit: Fit = setting("crop", help="fit the reference image to the view size: cover and crop, or stretch (resize)")
 
-    def resolved(self, sd: StableDiffusion) -> "PanoramaSpec":
+    def resolved(self, sd: "Model | ModelKind") -> "PanoramaSpec":
         """This spec with the model's defaults filled in, checked.
 
         Raises:
-            ValueError: If a setting is out of range.
+            ValueError: If a setting is out of range, or the model is FLUX.1 (panoramas run on SD1 and SDXL U-Nets).
         """
-        kind = model_kind(sd)
+        kind = kind_of(sd)
+        if kind in FLUX_KINDS:
+            raise ValueError("panoramas run on SD1 and SDXL U-Nets: FLUX.1 is not supported")
         default_width, default_height = DEFAULT_PANORAMA[kind]
         guidance = DEFAULT_GUIDANCE[kind] if self.guidance is None else self.guidance
         spec = replace(

@@ -24,9 +24,12 @@ from torch import Generator, Tensor
 
 from style_aligned.pipeline.model import StableDiffusion
 
-SolverName = Literal["ddim", "dpm", "euler", "lcm"]
+SolverName = Literal["ddim", "dpm", "euler", "lcm", "flow_euler"]
 Spacing = Literal["leading", "trailing", "linspace"]
 SOLVERS: tuple[SolverName, ...] = get_args(SolverName)
+UNET_SOLVERS: tuple[SolverName, ...] = ("ddim", "dpm", "euler", "lcm")
+"""The solvers of the SD1 and SDXL U-Nets; `flow_euler` is FLUX.1's flow-matching Euler solver, on its own schedule
+(see `style_aligned.flux.FluxModels.solver`)."""
 SPACINGS: tuple[Spacing, ...] = get_args(Spacing)
 
 _SPACINGS = {
@@ -80,10 +83,10 @@ def make_solver(
         A fresh solver.
 
     Raises:
-        ValueError: If the name or spacing is unknown, or the steps out of range.
+        ValueError: If the name or spacing is unknown (or FLUX.1's `flow_euler`), or the steps out of range.
     """
-    if name not in SOLVERS:
-        raise ValueError(f"unknown solver {name!r}: choose one of {', '.join(SOLVERS)}")
+    if name not in UNET_SOLVERS:
+        raise ValueError(f"unknown solver {name!r} for a U-Net: choose one of {', '.join(UNET_SOLVERS)}")
     if spacing is not None and spacing not in SPACINGS:
         raise ValueError(f"unknown timestep spacing {spacing!r}: choose one of {', '.join(SPACINGS)}")
     if steps < 1:
@@ -104,6 +107,8 @@ def make_solver(
                 raise ValueError(f"the LCM solver takes at most 50 steps, got {steps}")
             params = SolverParams(timesteps_spacing=timesteps_spacing)
             return LCMSolver(num_inference_steps=steps, params=params, device=device, dtype=dtype)
+        case "flow_euler":
+            raise AssertionError("unreachable: flow_euler is not a U-Net solver")
 
 
 def is_stochastic(solver: Solver) -> bool:

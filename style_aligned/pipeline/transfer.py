@@ -7,12 +7,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from style_aligned.options import ModelKind, StyleAlignedOptions, setting
+from style_aligned.options import FLUX_KINDS, ModelKind, StyleAlignedOptions, setting
 from style_aligned.pipeline.denoise import denoise_with_extras, with_preview
 from style_aligned.pipeline.generate import decode_set, initial_noise
 from style_aligned.pipeline.images import Fit
 from style_aligned.pipeline.inversion import ReferenceTrajectory, encode_image, invert
-from style_aligned.pipeline.model import StableDiffusion
+from style_aligned.pipeline.model import Model, StableDiffusion, kind_of
 from style_aligned.pipeline.progress import Preview, Progress
 from style_aligned.pipeline.solvers import ddim
 from style_aligned.pipeline.spec import GeneratedSet, SetSpec
@@ -51,23 +51,25 @@ class TransferSpec(SetSpec):
         """The number of images of the set: the references (the images' captions) and the targets."""
         return self.num_references() + len(self.prompts)
 
-    def resolved(self, sd: "StableDiffusion | ModelKind") -> "TransferSpec":
+    def resolved(self, model: "Model | ModelKind") -> "TransferSpec":
+        if kind_of(model) in FLUX_KINDS:
+            raise ValueError("transfer inverts the image with DDIM on an SD1 or SDXL U-Net: FLUX.1 is not supported")
         spec = replace(self, guidance=TRANSFER_GUIDANCE if self.guidance is None else self.guidance)
-        resolved = SetSpec.resolved(spec, sd)
+        resolved = SetSpec.resolved(spec, model)
         assert isinstance(resolved, TransferSpec)
         check_transfer_solver(resolved.solver, resolved.timestep_spacing)
-        if not 0 <= resolved.offset < resolved.steps:
+        if not 0 <= resolved.offset < resolved.num_steps:
             raise ValueError(f"offset must be in [0, steps), got {resolved.offset} for {resolved.steps} steps")
         return resolved
 
 
-def check_transfer_solver(solver: str, timestep_spacing: str | None) -> None:
+def check_transfer_solver(solver: str | None, timestep_spacing: str | None) -> None:
     """Check that a transfer denoises with DDIM at leading spacing, the schedule its inversion walks.
 
     Raises:
         ValueError: If not.
     """
-    if solver != "ddim":
+    if solver not in (None, "ddim"):
         raise ValueError(
             f"transfer denoises with DDIM, the solver its DDIM inversion is made for: got --solver {solver}"
         )
@@ -90,7 +92,7 @@ def make_trajectory(
     spec = replace(spec, reference_prompts=None, reference_weights=None).resolved(sd)  # the image alone
     assert spec.width is not None and spec.height is not None
     latents = encode_image(sd, image, width=spec.width, height=spec.height, fit=spec.fit)
-    solver = ddim(sd, spec.steps)
+    solver = ddim(sd, spec.num_steps)
     return invert(
         sd,
         latents,
@@ -140,7 +142,7 @@ def transfer_latents(
         reference_prompts=captions if several else None,
     ).resolved(sd)
     assert spec.width is not None and spec.height is not None and spec.guidance is not None
-    solver = ddim(sd, spec.steps)
+    solver = ddim(sd, spec.num_steps)
     for reference_trajectory in trajectories:
         reference_trajectory.check_fits(sd, solver, width=spec.width, height=spec.height)
     prompts = spec.image_prompts()

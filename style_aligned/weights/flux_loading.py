@@ -17,6 +17,7 @@ from style_aligned.flux.text_encoders import DEV_MAX_SEQUENCE_LENGTH, SCHNELL_MA
 from style_aligned.weights.architectures import ARCHITECTURES
 from style_aligned.weights.convert import ModelSource
 from style_aligned.weights.flux import load_flux_autoencoder, load_flux_transformer
+from style_aligned.weights.flux_convert import is_converted_flux, read_flux
 from style_aligned.weights.hub import resolve_model
 from style_aligned.weights.loading import build_model
 from style_aligned.weights.safetensors_io import WeightsError
@@ -58,7 +59,8 @@ def load_flux(
 
     Args:
         reference: A Hub id (`black-forest-labs/FLUX.1-schnell`, `black-forest-labs/FLUX.1-dev@REVISION`), a
-            diffusers FLUX.1 pipeline folder, or Black Forest Labs' transformer file (`flux1-dev.safetensors`, also a
+            diffusers FLUX.1 pipeline folder, a folder written by `convert` (see `flux_convert`), or Black Forest Labs'
+            transformer file (`flux1-dev.safetensors`, also a
             diffusers-layout transformer file).
         device: Where to put the models.
         dtype: The floating-point dtype of the models (FLUX.1 is published in bfloat16).
@@ -72,6 +74,8 @@ def load_flux(
         WeightsError: If a model cannot be found, fetched or read as FLUX.1's.
     """
     path = Path(reference).expanduser()
+    if path.is_dir() and is_converted_flux(path):
+        return read_flux(path, device=device, dtype=dtype, text_encoders=text_encoders)
     if path.is_file():
         if components is None and (text_encoders or autoencoder is None):
             raise WeightsError(

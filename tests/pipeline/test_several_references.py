@@ -39,7 +39,7 @@ def plain_images(sd: StableDiffusion_1, prompts: list[str], noise: torch.Tensor)
         with torch.no_grad():
             for step in sd.steps:
                 x = sd(x, step, **conditioning, condition_scale=7.5)
-        return decode(sd, x)
+        return decode(sd, x, SetSpec(prompts=prompts).resolved(sd))
     finally:
         sd.solver = solver
 

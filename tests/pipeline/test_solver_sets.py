@@ -14,10 +14,11 @@ from style_aligned import SharedAttentionAdapter
 from style_aligned.cli import main as cli
 from style_aligned.options import StyleAlignedOptions
 from style_aligned.pipeline.conditioning import SetConditioning
-from style_aligned.pipeline.generate import generate_set, initial_latents
+from style_aligned.pipeline.generate import generate_set
 from style_aligned.pipeline.progress import ProgressEvent
 from style_aligned.pipeline.solvers import image_seed
 from style_aligned.pipeline.spec import SetSpec
+from style_aligned.pipeline.unet_backbone import UNetBackbone
 
 PROMPTS = ["a toy train", "a toy airplane", "a toy bicycle", "a toy car", "a toy boat", "an owl", "a castle", "a cup"]
 
@@ -35,10 +36,11 @@ def plain_image(sd: StableDiffusion_1, spec: SetSpec) -> Image.Image:
     """The plain pipeline's image of the set's first prompt alone: Refiners' own loop, the same solver and noise."""
     spec = spec.resolved(sd)
     assert spec.width is not None and spec.height is not None and spec.guidance is not None
-    solver, previous = spec.make_solver(sd), (sd.solver, sd.classifier_free_guidance)
+    backbone = UNetBackbone(sd)
+    solver, previous = backbone.make_solver(spec), (sd.solver, sd.classifier_free_guidance)
     cfg = spec.classifier_free_guidance
     conditioning = SetConditioning(sd, spec.image_prompts()[:1], "", width=spec.width, height=spec.height)([0], cfg)
-    x = initial_latents(spec, 1, solver, sd=sd)
+    x = backbone.initial_latents(spec, 1, solver)
     sd.solver, sd.classifier_free_guidance = solver, cfg
     torch.manual_seed(image_seed(spec.seed, 0))  # the plain loop's stochastic solver draws from the global generator
     try:

@@ -11,6 +11,7 @@ from style_aligned import ReferenceCache
 from style_aligned.pipeline.denoise import denoise_set
 from style_aligned.pipeline.plan import SetPlan
 from style_aligned.pipeline.solvers import ExactDDIM, image_generators, image_seed, make_solver
+from style_aligned.pipeline.unet_backbone import UNetBackbone
 
 RELATIVE = 1e-5
 
@@ -56,7 +57,7 @@ def run_set(solver: Solver, latents: torch.Tensor, chunk_size: int | None = None
     predictor = NoisePredictor()
     adapter: Any = Adapter(cfg)
     x = denoise_set(
-        predictor,
+        UNetBackbone(predictor),  # type: ignore[arg-type]
         adapter,
         latents,
         conditioning=Conditioning(),
