@@ -45,7 +45,7 @@ def test_grid_is_the_product_in_the_given_order() -> None:
         ([], "at least one --grid"),
         (["shared_score_scale"], "expected NAME=V1,V2"),
         (["=1,2"], "expected NAME=V1,V2"),
-        (["guidance=5,7"], "unknown option 'guidance'.*choose among adain_queries"),
+        (["guidance=5,7"], "unknown option 'guidance'.*choose among strength, adain_queries"),
         (["classifier_free_guidance=off"], "unknown option"),
         (["shared_score_scale=1", "shared-score-scale=2"], "shared_score_scale is given twice"),
         (["shared_score_scale="], "has an empty value"),
