@@ -91,6 +91,8 @@ def sweep_inputs(values: Mapping[str, Any], grid: Sequence[str]) -> tuple["SetSp
         raise ValueError(f"{', '.join(both)} given both as a fixed option and in --grid: give each in one place")
     spec = read_spec(SetSpec, values)
     spec.check()
+    for setting in settings:  # each setting's options, checked with the fixed ones
+        spec.style.replace(**setting)
     return spec, settings
 
 

@@ -176,6 +176,29 @@ def test_unscored_sweep_api(sd: Any, tmp_path: Path) -> None:
     assert {event.total for event in events} == {2 * per_set}
 
 
+def test_a_strength_sweep_goes_from_the_plain_model_to_the_method(sd: Any, tmp_path: Path) -> None:
+    spec = SetSpec(prompts=PROMPTS, steps=2, width=64, height=64, seed=5)
+    result = run_sweep(sd, spec, parse_grid(["style-strength=0,0.5,1"]), out=tmp_path / "sweep")
+    assert result.labels == ["strength=0", "strength=0.5", "strength=1"]
+    assert Image.open(result.contact_sheet).size == (8 + 2 * (64 + 8), 8 + 32 + 3 * (32 + 64 + 8))
+    assert [json.loads((folder / "set.json").read_text())["style"]["strength"] for folder in result.folders] == [
+        0.0,
+        0.5,
+        1.0,
+    ]
+    plain_and_method = [{"only_self_level": 1.0, "share_group_norm": False}, {}]  # no layer shared, and the defaults
+    ends = run_sweep(sd, spec, plain_and_method, out=tmp_path / "ends")
+
+    def images(folder: Path) -> list[bytes]:
+        return [Image.open(path).tobytes() for path in read_set(folder).images]
+
+    zero, half, one = (images(folder) for folder in result.folders)
+    plain, method = (images(folder) for folder in ends.folders)
+    assert zero == plain and one == method  # pixel for pixel
+    assert zero[0] == half[0] == one[0]  # the reference is never changed
+    assert half[1] not in (zero[1], one[1])
+
+
 def test_interrupted_sweep_keeps_finished_sets(sd: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import style_aligned.pipeline.generate as generate
 
