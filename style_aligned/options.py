@@ -40,16 +40,39 @@ def model_kind(model: fl.Module) -> ModelKind:
     raise TypeError(f"expected an SD1 or SDXL U-Net or pipeline, got {type(model).__name__}")
 
 
-def setting(default: Any = dataclasses.MISSING, *, help: str, factory: Callable[[], Any] | None = None) -> Any:
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    factory: Callable[[], Any] | None = None,
+    flag: str | None = None,
+    bounds: tuple[float, float] | None = None,
+) -> Any:
     """A dataclass field with its one-line `help` in its metadata (the front ends show it), and its default or default
-    factory (neither: the field is required)."""
+    factory (neither: the field is required).
+
+    Args:
+        default: The default.
+        help: The one-line explanation.
+        factory: The default factory, instead of a default.
+        flag: The command line's flag, when it is not the name with dashes (`--style-strength` for `strength`).
+        bounds: The closed range of a number, when it has one (the page shows it as a slider).
+    """
+    metadata: dict[str, Any] = {"help": help}
+    if flag is not None:
+        metadata["flag"] = flag
+    if bounds is not None:
+        metadata["bounds"] = bounds
     if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def _option(default: Any, help: str) -> Any:
     return setting(default, help=help)
+
+
+STRENGTH_BOUNDS = (0.0, 1.0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +89,13 @@ class StyleAlignedOptions:
         ```
     """
 
+    strength: float = setting(
+        1.0,
+        help="style strength in [0, 1]: 1 is StyleAligned exactly, 0 the plain model, between them the targets move"
+        " part of the way to the reference's style (AdaIN, attention to the reference, shared GroupNorm)",
+        flag="--style-strength",
+        bounds=STRENGTH_BOUNDS,
+    )
     adain_queries: bool = _option(
         True, "AdaIN on the queries: match each image's query statistics to the reference's (concat mode)"
     )
@@ -113,6 +143,9 @@ class StyleAlignedOptions:
 
     def _check(self) -> None:
         scale, shift = self.shared_score_scale, self.shared_score_shift
+        low, high = STRENGTH_BOUNDS
+        if not low <= self.strength <= high:  # also refuses NaN
+            raise ValueError(f"strength must be a number in [0, 1], got {self.strength}")
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"shared_score_scale must be a finite number > 0, got {scale}")
         if not math.isfinite(shift):
@@ -125,11 +158,14 @@ class StyleAlignedOptions:
                 "adain_values": self.adain_values,
                 "shared_score_scale": scale != 1.0,
                 "shared_score_shift": shift != 0.0,
+                "strength": self.strength != 1.0,
             }
             if conflicts := [name for name, conflict in swap_conflicts.items() if conflict]:
                 raise ValueError(f"{', '.join(conflicts)} only apply with attention_mode='concat', not 'swap'")
         if self.full_attention_share and (scale != 1.0 or shift != 0.0):
             raise ValueError("shared_score_scale and shared_score_shift have no effect with full_attention_share=True")
+        if self.full_attention_share and self.strength != 1.0:
+            raise ValueError("strength only applies without full_attention_share (it takes strength 1 only)")
         if not 0.0 <= self.only_self_level <= 1.0:
             raise ValueError(f"only_self_level must be in [0, 1], got {self.only_self_level}")
         ways = [self.only_self_level != 0.0, self.shared_layers is not None, self.shared_blocks is not None]
@@ -210,6 +246,8 @@ class OptionField:
         many: Whether it takes a list of values.
         default: Its default (`None`: the model kind's, or unset; a default factory is called).
         required: Whether it has no default.
+        flag: Its command-line flag: `--` and the name with dashes, unless the field names another.
+        bounds: The closed range of a number that has one, or `None`.
     """
 
     name: str
@@ -219,6 +257,8 @@ class OptionField:
     many: bool
     default: Any
     required: bool = False
+    flag: str = ""
+    bounds: tuple[float, float] | None = None
 
 
 def describe_fields(cls: type) -> tuple[OptionField, ...]:
@@ -251,6 +291,8 @@ def describe_fields(cls: type) -> tuple[OptionField, ...]:
                 many=many,
                 default=None if required else default,
                 required=required,
+                flag=f.metadata.get("flag", f"--{f.name.replace('_', '-')}"),
+                bounds=f.metadata.get("bounds"),
             )
         )
     return tuple(fields)

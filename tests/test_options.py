@@ -34,6 +34,11 @@ def test_defaults_follow_the_reference_examples_per_model() -> None:
         {"shared_layers": [1], "shared_blocks": ["up"]},
         {"full_attention_share": True, "shared_score_shift": 1.0},
         {"full_attention_share": True, "shared_score_scale": 0.5},
+        {"strength": 1.5},
+        {"strength": -0.5},
+        {"strength": math.nan},
+        {"full_attention_share": True, "strength": 0.5},
+        {"attention_mode": "swap", "strength": 0.0},
     ],
 )
 def test_bad_options_name_themselves(options: dict[str, Any]) -> None:
@@ -78,3 +83,26 @@ def test_sweep_grid_takes_the_single_valued_options() -> None:
     assert parse_option("only_self_level", "0.3") == 0.3
     with pytest.raises(ValueError, match="takes a list"):
         parse_option("shared_layers", "1")
+
+
+def test_strength_is_the_style_strength_flag() -> None:
+    parser = argparse.ArgumentParser()
+    add_style_options(parser)
+    assert style_options(parser.parse_args(["--style-strength", "0.4"])) == {"strength": 0.4}
+    assert StyleAlignedOptions.from_dict(style_options(parser.parse_args([]))).strength == 1.0
+    strength = next(option for option in option_fields() if option.name == "strength")
+    assert (strength.flag, strength.bounds, strength.default) == ("--style-strength", (0.0, 1.0), 1.0)
+    assert next(option for option in option_fields() if option.name == "adain_values").flag == "--adain-values"
+    flags = [string for action in parser._actions for string in action.option_strings]  # pyright: ignore[reportPrivateUsage]
+    assert "--style-strength" in flags and "--strength" not in flags
+    help_text = parser.format_help()
+    assert "--style-strength STRENGTH" in help_text
+    assert (
+        parse_grid(["style-strength=0,0.5,1"])
+        == parse_grid(["strength=0,0.5,1"])
+        == [
+            {"strength": 0.0},
+            {"strength": 0.5},
+            {"strength": 1.0},
+        ]
+    )

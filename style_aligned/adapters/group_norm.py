@@ -8,6 +8,7 @@ from torch import Tensor
 from style_aligned.layers.batch_layout import by_half
 from style_aligned.layers.reference_cache import ReferenceCache
 from style_aligned.layers.reference_mixture import mixture_statistics
+from style_aligned.layers.strength import check_strength, toward
 
 
 class SharedGroupNormAdapter(fl.Chain, Adapter[fl.GroupNorm]):
@@ -19,6 +20,9 @@ class SharedGroupNormAdapter(fl.Chain, Adapter[fl.GroupNorm]):
     can be recorded once and the targets run in batches without it (see `ReferenceCache`). A reference paired with
     itself keeps its statistics: reference images keep the plain GroupNorm output. With several references, the
     reference's statistics are those of the weighted mixture of the references (see `mixture_statistics`).
+
+    At a style strength `s` below 1 (see `style_aligned.layers.strength`), a target's mean and variance are
+    `own + s (joint - own)`, each; at 0 every image gets the plain GroupNorm output.
 
     A shared LayerNorm would be a numerical no-op (LayerNorm normalises each token on its own) and does not exist here.
 
@@ -34,6 +38,8 @@ class SharedGroupNormAdapter(fl.Chain, Adapter[fl.GroupNorm]):
         target: fl.GroupNorm,
         classifier_free_guidance: bool,
         reference_cache: ReferenceCache,
+        *,
+        strength: float = 1.0,
     ) -> None:
         """Initialize the adapter.
 
@@ -41,15 +47,22 @@ class SharedGroupNormAdapter(fl.Chain, Adapter[fl.GroupNorm]):
             target: The GroupNorm layer to share.
             classifier_free_guidance: Whether the batch is made of an unconditional and a conditional half.
             reference_cache: The cache of the adapter that owns this layer (where the references come from).
+            strength: The style strength, in [0, 1]: 1 takes the joint statistics, 0 the image's own.
+
+        Raises:
+            ValueError: If the strength is not in [0, 1].
         """
         self.classifier_free_guidance = classifier_free_guidance
         self.reference_cache = reference_cache
+        self.strength = check_strength(strength)
         with self.setup_adapter(target):
             super().__init__(target)
 
     def forward(self, *inputs: Tensor) -> Tensor:
         (x,) = inputs  # (batch, channels, *spatial)
         norm = self.target
+        if self.strength == 0.0:
+            return norm(x)
         groups = x.reshape(x.shape[0], norm.num_groups, -1).float()  # (batch, groups, elements)
         variance, mean = torch.var_mean(groups, dim=-1, keepdim=True, correction=0)
         per_half = self.reference_cache.images_per_half(x.shape[0], self.classifier_free_guidance)
@@ -68,7 +81,9 @@ class SharedGroupNormAdapter(fl.Chain, Adapter[fl.GroupNorm]):
         )  # (halves, 1, groups, 1)
         joint_mean = (target_mean + reference_mean) / 2
         joint_variance = (target_variance + reference_variance) / 2 + ((target_mean - reference_mean) / 2) ** 2
-        normed = (by_half(groups, per_half)[:, first_target:] - joint_mean) * torch.rsqrt(joint_variance + norm.eps)
+        mean = toward(target_mean, joint_mean, self.strength)  # the statistics at the style strength
+        variance = toward(target_variance, joint_variance, self.strength)
+        normed = (by_half(groups, per_half)[:, first_target:] - mean) * torch.rsqrt(variance + norm.eps)
         shape = (*normed.shape[:2], x.shape[1], -1)  # (halves, targets, channels, spatial elements)
         normed = normed.reshape(shape) * norm.weight.float()[:, None] + norm.bias.float()[:, None]
         by_half(output, per_half)[:, first_target:] = normed.reshape(*shape[:2], *x.shape[1:]).to(x.dtype)

@@ -26,6 +26,9 @@ class SharedAttentionAdapter(fl.Chain, Adapter[fl.ScaledDotProductAttention]):
        given (`shared_score_shift` added to their logits), the two merged by log-sum-exp into the attention over the
        concatenated tokens.
 
+    The style strength (`options.strength`) is applied by `AdaIN` and the kernel (see
+    `style_aligned.layers.strength`).
+
     The reference's output is its plain self-attention output: influence flows from the reference to the targets.
 
     With several references (the reference cache's weights) or `attention_mode="swap"`, the kernel is a
@@ -55,7 +58,8 @@ class SharedAttentionAdapter(fl.Chain, Adapter[fl.ScaledDotProductAttention]):
 
         Args:
             target: The scaled dot-product attention of a self-attention layer.
-            options: AdaIN on queries, keys and values, the score scale and shift, or full attention share.
+            options: AdaIN on queries, keys and values, the score scale and shift, the strength, or full attention
+                share.
             classifier_free_guidance: Whether the batch is made of an unconditional and a conditional half.
             reference_cache: Where the references come from (the adapter's cache, shared by all its layers).
         """
@@ -77,6 +81,7 @@ class SharedAttentionAdapter(fl.Chain, Adapter[fl.ScaledDotProductAttention]):
                 SharedScaledDotProductAttention(
                     target.num_heads,
                     shift=options.shared_score_shift,
+                    strength=options.strength,
                     slice_size=target.slice_size,
                     reference_cache=reference_cache,
                 ),
@@ -118,14 +123,14 @@ def shared_attention_layers(
     Args:
         attention: The kernel: it receives the queries, keys and values, then the reference keys and values each
             image is given, all by half.
-        options: AdaIN on queries, keys and values, and the score scale.
+        options: AdaIN on queries, keys and values (at the options' strength), and the score scale.
         cfg: Whether the batch is made of an unconditional and a conditional half.
         cache: Where the references come from.
     """
     adain = options.attention_mode == "concat"  # no AdaIN in swap mode
 
     def _adain(enabled: bool) -> fl.Module:
-        return AdaIN(reference_cache=cache) if adain and enabled else fl.Identity()
+        return AdaIN(strength=options.strength, reference_cache=cache) if adain and enabled else fl.Identity()
 
     return [
         # (queries, keys, values): (batch, tokens, channels) each
@@ -155,6 +160,7 @@ def reference_attention_layers(
         target.num_heads,
         mode=options.attention_mode,
         shift=options.shared_score_shift,
+        strength=options.strength,
         slice_size=target.slice_size,
         reference_cache=cache,
     )

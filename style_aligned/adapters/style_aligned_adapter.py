@@ -104,7 +104,10 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
         )
         self._group_norm_adapters = (
             tuple(
-                (SharedGroupNormAdapter(group_norm, classifier_free_guidance, cache), parent)
+                (
+                    SharedGroupNormAdapter(group_norm, classifier_free_guidance, cache, strength=options.strength),
+                    parent,
+                )
                 for group_norm, parent in own_layers(unet, fl.GroupNorm)
             )
             if options.share_group_norm

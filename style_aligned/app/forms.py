@@ -20,7 +20,7 @@ from style_aligned.pipeline.spec_fields import parse_size, spec_fields
 from style_aligned.pipeline.transfer import TransferSpec
 
 Command = Literal["generate", "transfer", "sweep"]
-Kind = Literal["text", "int", "float", "choice", "switch", "choices", "list"]
+Kind = Literal["text", "int", "float", "slider", "choice", "switch", "choices", "list"]
 
 SPECS: dict[Command, type[SetSpec]] = {"generate": SetSpec, "transfer": TransferSpec, "sweep": SetSpec}
 """The spec each kind of job makes."""
@@ -42,11 +42,15 @@ class Control:
         name: The field's name (or the page's own: `size`, `captions`).
         label: The name as words.
         help: Its one-line help.
-        kind: How the page asks for it: `text`, `int`, `float`, `choice` (one of `choices`), `switch` (default, on or
-            off), `choices` (some of `choices`) or `list` (values separated by commas).
+        kind: How the page asks for it: `text`, `int`, `float`, `slider` (a number in `bounds`), `choice` (one of
+            `choices`), `switch` (default, on or off), `choices` (some of `choices`) or `list` (values separated by
+            commas).
         default: Its default in the spec (`None`: left to the spec or the model).
         choices: The values of a `choice` or `choices` option.
         convert: The conversion of one value from text.
+        bounds: The range of a `slider`.
+        initial: Where a `slider` starts: the field's default; left there, the setting is left to the spec (`default`),
+            so that a sweep may vary it.
     """
 
     name: str
@@ -56,6 +60,8 @@ class Control:
     default: Any
     choices: tuple[str, ...] = ()
     convert: Callable[[str], Any] = str
+    bounds: tuple[float, float] | None = None
+    initial: float | None = None
 
     def parse(self, value: Any) -> Any:
         """The field's value for what the page holds (an empty field is the default).
@@ -82,6 +88,11 @@ class Control:
             if self.kind == "int" and number != int(number):
                 raise ValueError(f"expected a whole number, got {value!r}")
             return int(number) if self.kind == "int" else number
+        if self.kind == "slider" and self.bounds is not None:
+            number, (low, high) = float(value), self.bounds
+            if not low <= number <= high:
+                raise ValueError(f"expected a number in [{low:g}, {high:g}], got {value!r}")
+            return self.default if number == self.initial else number
         if self.kind == "choices":
             values = [str(item) for item in value]
             if unknown := [item for item in values if item not in self.choices]:
@@ -99,6 +110,8 @@ class Control:
 
 
 def _kind(option: OptionField) -> Kind:
+    if option.bounds is not None and option.kind is float and not option.many:
+        return "slider"
     if option.kind is bool:
         return "switch"
     if option.choices is not None:
@@ -153,6 +166,8 @@ def control(command: Command, name: str) -> Control:
         default=None if name in styles else option.default,
         choices=option.choices or (),
         convert=option.kind if kind in ("list", "text") and option.kind in (int, float, str) else str,
+        bounds=option.bounds,
+        initial=option.default if kind == "slider" else None,
     )
 
 

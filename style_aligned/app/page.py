@@ -80,6 +80,9 @@ def widget(option: Control, elem_prefix: str = "") -> Any:
         return gr.Dropdown(list(option.choices), value=option.default, **common)
     if option.kind == "choices":
         return gr.CheckboxGroup(list(option.choices), value=list(option.default or []), **common)
+    if option.kind == "slider" and option.bounds is not None:
+        low, high = option.bounds
+        return gr.Slider(minimum=low, maximum=high, value=option.initial, step=(high - low) / 100, **common)
     if option.kind in ("int", "float") and option.default is not None:
         return gr.Number(value=option.default, precision=0 if option.kind == "int" else None, **common)
     if option.kind == "list":

@@ -84,19 +84,20 @@ def add_field_options(
     required: Collection[str] = (),
     show_defaults: bool = True,
 ) -> None:
-    """One flag per field of a spec (`--chunk-size` for `chunk_size`), its type, choices and help (with the field's
-    default, if `show_defaults`) read from the field; the default is `None`, so that only the options given enter the
-    spec's values (see `given`)."""
+    """One flag per field of a spec (`--chunk-size` for `chunk_size`, or the flag the field names: `--style-strength`
+    for `strength`), its type, choices and help (with the field's default, if `show_defaults`) read from the field;
+    the default is `None`, so that only the options given enter the spec's values (see `given`)."""
     fields = {option.name: option for option in describe_fields(spec_type)}
     for name in names:
         option = fields[name]
-        flag = f"--{name.replace('_', '-')}"
+        flag = option.flag
         help = (option.help + (default_text(option.default) if show_defaults else "")).replace("%", "%%")
         if option.kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, dest=name, help=help)
             continue
         group.add_argument(
             flag,
+            dest=name,
             type=option.kind,
             choices=option.choices,
             nargs="+" if option.many else None,

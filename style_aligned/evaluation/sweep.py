@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 OPTIONS = tuple(option.name for option in option_fields() if not option.many)
 """The StyleAligned options a grid can vary (those that take one value)."""
+FLAG_NAMES = {option.flag.removeprefix("--").replace("-", "_"): option.name for option in option_fields()}
+"""The options by the name of their flag, where a field names its own flag (`style_strength`: `strength`)."""
 GRID_HELP = f"an option and its values (repeat; all combinations are generated); NAME: {', '.join(OPTIONS)}"
 """What a line of a grid holds."""
 CONTACT_SHEET, SUMMARY, PLOT = "contact-sheet.png", "sweep.json", "sweep.png"
@@ -40,8 +42,9 @@ def parse_grid(items: Sequence[str]) -> list[dict[str, Any]]:
     """Parse `NAME=V1,V2,...` items into the settings of their Cartesian product.
 
     Args:
-        items: One item per option: a StyleAligned option (see `OPTIONS`; `-` may stand for `_`) and its values,
-            numbers or, for a boolean option, true/false, on/off, yes/no, 1/0 (see `options.parse_option`).
+        items: One item per option: a StyleAligned option (see `OPTIONS`; `-` may stand for `_`, and the name of its
+            flag for its own: `style-strength` for `strength`) and its values, numbers or, for a boolean option,
+            true/false, on/off, yes/no, 1/0 (see `options.parse_option`).
 
     Returns:
         One `{name: value}` setting per combination, the first item's values varying slowest.
@@ -56,6 +59,7 @@ def parse_grid(items: Sequence[str]) -> list[dict[str, Any]]:
     for item in items:
         name, separator, values = item.partition("=")
         name = name.strip().replace("-", "_")
+        name = FLAG_NAMES.get(name, name)
         if not separator or not name:
             raise ValueError(f"expected NAME=V1,V2,... (e.g. shared_score_shift=0,0.69), got {item!r}")
         if name not in OPTIONS:
@@ -87,6 +91,8 @@ def sweep_inputs(values: Mapping[str, Any], grid: Sequence[str]) -> tuple["SetSp
         raise ValueError(f"{', '.join(both)} given both as a fixed option and in --grid: give each in one place")
     spec = read_spec(SetSpec, values)
     spec.check()
+    for setting in settings:  # each setting's options, checked with the fixed ones
+        spec.style.replace(**setting)
     return spec, settings
 
 

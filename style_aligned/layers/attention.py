@@ -10,6 +10,7 @@ from torch import Tensor
 
 from style_aligned.layers.batch_layout import images_per_half
 from style_aligned.layers.reference_cache import ReferenceCache
+from style_aligned.layers.strength import check_strength, reference_logit_shift
 
 References = tuple[Tensor, Tensor]
 """The reference keys and values given to the targets of each half, `(halves, tokens, embedding_dim)` each."""
@@ -74,6 +75,10 @@ class SharedScaledDotProductAttention(fl.Module):
     shift: its output is the attention over its own tokens, and the reference tokens it is given are not read. When
     the reference cache replays recorded references, every image is a target.
 
+    At a style strength `s` below 1 (see `style_aligned.layers.strength`), the reference tokens' logits gain `log s`
+    on top of the shift; at 0 the reference tokens get no weight and are not attended to at all: every image's
+    output is its plain self-attention output.
+
     Receives:
         Query (Float[Tensor, "halves images_per_half num_queries embedding_dim"]):
         Key (Float[Tensor, "halves images_per_half num_tokens embedding_dim"]):
@@ -92,6 +97,7 @@ class SharedScaledDotProductAttention(fl.Module):
         num_heads: int = 1,
         *,
         shift: float = 0.0,
+        strength: float = 1.0,
         slice_size: int | None = None,
         reference_cache: ReferenceCache,
     ) -> None:
@@ -100,14 +106,24 @@ class SharedScaledDotProductAttention(fl.Module):
         Args:
             num_heads: The number of heads.
             shift: The constant added to the logits of the reference tokens of targets (`shared_score_shift`).
+            strength: The style strength, in [0, 1]: `log strength` is added to those logits too.
             slice_size: If given, the queries are processed in slices of this size.
             reference_cache: Tells whether the batch holds the references.
+
+        Raises:
+            ValueError: If the strength is not in [0, 1].
         """
         super().__init__()
         self.num_heads = num_heads
         self.slice_size = slice_size
         self.shift = shift
+        self.strength = check_strength(strength)
         self.reference_cache = reference_cache
+
+    @property
+    def reference_shift(self) -> float:
+        """What is added to the logits of the reference tokens given to the targets: `shift + log strength`."""
+        return reference_logit_shift(self.shift, self.strength)
 
     @property
     def first_target(self) -> int:
@@ -125,8 +141,10 @@ class SharedScaledDotProductAttention(fl.Module):
     ) -> Float[Tensor, "batch num_queries embedding_dim"]:
         halves, per_half, num_queries, _ = query.shape
         first = self.first_target
-        # the reference tokens given to the targets of each half: one copy per half, (halves, tokens, embedding_dim)
-        shared = (reference_key[:, first], reference_value[:, first]) if per_half > first else None
+        # the reference tokens given to the targets of each half: one copy per half, (halves, tokens, embedding_dim);
+        # none without targets, or at strength 0 (the targets attend to their own tokens only)
+        attends = per_half > first and self.strength > 0.0
+        shared = (reference_key[:, first], reference_value[:, first]) if attends else None
         step = self.slice_size or num_queries
         if step >= num_queries:
             return self._attend(query, key, value, shared).reshape(halves * per_half, num_queries, -1)
@@ -144,7 +162,8 @@ class SharedScaledDotProductAttention(fl.Module):
         """The output of every image for these queries, `(halves, images_per_half, num_queries, embedding_dim)`.
 
         `query`, `key`, `value`: `(halves, images_per_half, tokens, embedding_dim)`; `shared`: the reference keys
-        and values given to the targets, `(halves, tokens, embedding_dim)` each, or `None` without targets.
+        and values given to the targets, `(halves, tokens, embedding_dim)` each, or `None` (no target attends to
+        them).
         """
         halves, per_half, num_queries, channels = query.shape
         first = self.first_target
@@ -177,11 +196,12 @@ class SharedScaledDotProductAttention(fl.Module):
         over the reference is held at a time.
         """
         keys, values = self._heads(shared[0]), self._heads(shared[1])  # (halves, heads, num_tokens, head_dim)
+        shift = self.reference_shift
         for target in range(own.shape[1]):
             reference, reference_lse = attention_with_lse(
                 self._heads(query[:, target]), keys, values, scale=scale
             )  # (halves, heads, num_queries, head_dim), (halves, heads, num_queries)
-            weight = reference_lse.add_(self.shift).sub_(own_lse[:, target]).sigmoid_().to(own.dtype)
+            weight = reference_lse.add_(shift).sub_(own_lse[:, target]).sigmoid_().to(own.dtype)
             own[:, target].lerp_(reference, weight[..., None])  # in place: own + weight * (reference - own)
             del reference, reference_lse, weight  # freed before the next target's attention is allocated
 

@@ -64,6 +64,10 @@ class ReferenceAttention(SharedScaledDotProductAttention):
 
     The log-weights are a float attention mask given to the fused kernel; the logits are never materialised.
 
+    In `concat` mode, a style strength `s` below 1 adds `log s` to the logits of every reference token too (see
+    `style_aligned.layers.strength`); at 0 each target attends to its own tokens only. `swap` mode has no own tokens
+    to fall back to: it takes strength 1 only.
+
     Receives:
         Query (Float[Tensor, "halves images_per_half num_queries embedding_dim"]):
         Key (Float[Tensor, "halves images_per_half num_tokens embedding_dim"]): Each image's own keys.
@@ -83,6 +87,7 @@ class ReferenceAttention(SharedScaledDotProductAttention):
         *,
         mode: AttentionMode = "concat",
         shift: float = 0.0,
+        strength: float = 1.0,
         slice_size: int | None = None,
         reference_cache: ReferenceCache,
     ) -> None:
@@ -92,25 +97,33 @@ class ReferenceAttention(SharedScaledDotProductAttention):
             num_heads: The number of attention heads.
             mode: `"concat"` (own and reference tokens) or `"swap"` (reference tokens only).
             shift: `shared_score_shift`, added with each reference's log-weight to the logits of its tokens.
+            strength: The style strength, in [0, 1] (`concat` mode; `log strength` is added to those logits too).
             slice_size: If given, the queries of every image are processed in slices of this size.
             reference_cache: Tells which images are references, how many there are and their weights.
+
+        Raises:
+            ValueError: If the strength is not in [0, 1], or not 1 in `swap` mode.
         """
-        super().__init__(num_heads, shift=shift, slice_size=slice_size, reference_cache=reference_cache)
+        super().__init__(
+            num_heads, shift=shift, strength=strength, slice_size=slice_size, reference_cache=reference_cache
+        )
+        if mode == "swap" and strength != 1.0:
+            raise ValueError(f"swap mode takes strength 1 only, got {strength}")
         self.mode: AttentionMode = mode
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, shared: References | None) -> Tensor:
         """The output of every image for these queries, `(halves, images_per_half, num_queries, embedding_dim)`.
 
         `shared`: the keys and values of the references given to the targets, `(halves, references * tokens,
-        embedding_dim)` each, or `None` without targets.
+        embedding_dim)` each, or `None` (no target attends to them: every image attends to its own tokens only).
         """
+        if shared is None:
+            return self._attend_images(query, key, value, bias=None)
         halves, per_half, num_queries, _ = query.shape
         first = self.first_target
         output = query.new_empty(halves, per_half, num_queries, value.shape[-1])
         if first > 0:  # the references: plain attention over their own tokens
             output[:, :first] = self._attend_images(query[:, :first], key[:, :first], value[:, :first], bias=None)
-        if shared is None:
-            return output
         targets = per_half - first
         # the tokens of all references, given to every target: (halves, targets, references * tokens, channels)
         shared_keys, shared_values = (x[:, None].expand(-1, targets, -1, -1) for x in shared)
@@ -124,7 +137,7 @@ class ReferenceAttention(SharedScaledDotProductAttention):
             num_tokens if self.mode == "concat" else 0,
             num_tokens,
             self.reference_cache.mixture_weights,
-            shift=self.shift,
+            shift=self.reference_shift,
             device=query.device,
             dtype=query.dtype,
         )

@@ -143,6 +143,38 @@ def test_scale_and_shift_change_on_injected_adapter(unet: SD1UNet | SDXLUNet, ba
         adapter.eject()
 
 
+def run_with(unet: SD1UNet | SDXLUNet, inputs: dict[str, torch.Tensor], options: StyleAlignedOptions) -> torch.Tensor:
+    adapter = StyleAlignedAdapter(unet, options).inject()
+    try:
+        return models.run_unet(unet, inputs)
+    finally:
+        adapter.eject()
+
+
+@pytest.mark.parametrize("options", OPTION_SETS[1:], ids=["transfer", "scaled"])
+def test_strength_one_is_the_adapter_and_strength_zero_the_plain_unet(
+    unet: SD1UNet | SDXLUNet, baseline: dict[str, Any], options: dict[str, Any]
+) -> None:
+    inputs = baseline["inputs"]
+    method = run_with(unet, inputs, StyleAlignedOptions(**options))
+    assert torch.equal(run_with(unet, inputs, StyleAlignedOptions(**options, strength=1.0)), method)
+    assert torch.equal(run_with(unet, inputs, StyleAlignedOptions(**options, strength=0.0)), baseline["output"])
+
+
+def test_half_strength_keeps_the_references_and_moves_the_targets(
+    unet: SD1UNet | SDXLUNet, baseline: dict[str, Any]
+) -> None:
+    options = OPTION_SETS[1]  # shared GroupNorm and a shift: every layer's strength is used
+    half = run_with(unet, baseline["inputs"], StyleAlignedOptions(**options, strength=0.5))
+    method = run_with(unet, baseline["inputs"], StyleAlignedOptions(**options))
+    plain = baseline["output"]
+    assert torch.isfinite(half).all()
+    assert (half[[0, 2]] - plain[[0, 2]]).abs().max().item() <= TOLERANCE
+    for row in (1, 3):
+        assert (half[row] - plain[row]).abs().max().item() > 1e-3
+        assert (half[row] - method[row]).abs().max().item() > 1e-3
+
+
 def test_bad_batches_are_clear_errors_and_leave_the_unet_untouched(
     unet: SD1UNet | SDXLUNet, baseline: dict[str, Any]
 ) -> None:

@@ -76,7 +76,7 @@ def test_a_set_from_the_page_is_the_set_generate_makes(app: RunningApp, page: An
     before = set_folders(app.out) if app.out.exists() else []
     fill(page, prompts=PROMPTS, size="64x64", steps=2, seed=7)
     open_section(page, "StyleAligned options")
-    fill(page, shared_score_shift=0.5)
+    fill(page, shared_score_shift=0.5, strength=0.6)  # the strength's slider holds a number input too
     choose(page, "adain_values", "on")
     assert run_job(page) == "done", progress_text(page)
     assert page.locator("#gallery img").count() >= len(PROMPTS)
@@ -86,9 +86,9 @@ def test_a_set_from_the_page_is_the_set_generate_makes(app: RunningApp, page: An
 
     cli_out = tmp_path / "generate"
     arguments = ["generate", "--model", str(app.model), "--out", str(cli_out), "--size", "64x64", "--steps", "2"]
-    arguments += ["--seed", "7", "--shared-score-shift", "0.5", "--adain-values"]
+    arguments += ["--seed", "7", "--shared-score-shift", "0.5", "--style-strength", "0.6", "--adain-values"]
     cli(arguments + [argument for prompt in PROMPTS for argument in ("--prompt", prompt)])
-    assert page_set == sidecar(cli_out)
+    assert page_set == sidecar(cli_out) and page_set["style"]["strength"] == 0.6
     assert sorted(path.name for path in folder.iterdir()) == sorted(path.name for path in cli_out.iterdir())
     same_images(folder, cli_out, [*page_set["images"], "grid.png"])
 

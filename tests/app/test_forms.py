@@ -109,3 +109,34 @@ def test_loras_are_files_of_the_lora_folder_or_hub_files(tmp_path: Path) -> None
     assert lora_values(hub, folder) == [{"path": hub, "scale": 1.0}]
     spec = read_spec(SetSpec, {"prompts": ["a"], "loras": lora_values(f"{hub}:0.8", None)})
     assert [(str(lora.path), lora.scale) for lora in spec.loras] == [(hub, 0.8)]
+
+
+def test_strength_is_a_slider_from_zero_to_one() -> None:
+    strength = control("generate", "strength")
+    assert (strength.kind, strength.bounds, strength.initial, strength.default) == ("slider", (0.0, 1.0), 1.0, None)
+    assert strength.help == StyleAlignedOptions.help("strength")
+    assert strength.parse(1.0) is None  # left where it starts: left to the spec (and free for a sweep's grid)
+    assert strength.parse(0.35) == 0.35 and strength.parse(0) == 0.0
+    for bad in (1.5, -0.1, "nan"):
+        with pytest.raises(ValueError, match=r"strength: expected a number in \[0, 1\]"):
+            strength.parse(bad)
+    page = spec_values("generate", {"strength": 0.35, "steps": 2}, prompts=["a", "b"])
+    typed = build_parser().parse_args(
+        ["generate", "--model", "m", "--out", "x", "--prompt", "a", "--prompt", "b", "--steps", "2"]
+        + ["--style-strength", "0.35"]
+    )
+    assert read_spec(SetSpec, page) == generate_spec(typed)
+    assert read_spec(SetSpec, page).style.strength == 0.35
+    assert "style" not in spec_values("generate", {"strength": 1.0})
+
+
+def test_the_page_shows_the_strength_as_a_slider() -> None:
+    gr = pytest.importorskip("gradio")
+    from style_aligned.app.page import widget
+
+    with gr.Blocks():
+        slider = widget(control("generate", "strength"))
+        other = widget(control("generate", "only_self_level"))
+    assert isinstance(slider, gr.Slider) and not isinstance(other, gr.Slider)
+    assert (slider.minimum, slider.maximum, slider.value, slider.step) == (0.0, 1.0, 1.0, 0.01)
+    assert slider.label == "strength" and slider.info == StyleAlignedOptions.help("strength")

@@ -45,7 +45,7 @@ def test_grid_is_the_product_in_the_given_order() -> None:
         ([], "at least one --grid"),
         (["shared_score_scale"], "expected NAME=V1,V2"),
         (["=1,2"], "expected NAME=V1,V2"),
-        (["guidance=5,7"], "unknown option 'guidance'.*choose among adain_queries"),
+        (["guidance=5,7"], "unknown option 'guidance'.*choose among strength, adain_queries"),
         (["classifier_free_guidance=off"], "unknown option"),
         (["shared_score_scale=1", "shared-score-scale=2"], "shared_score_scale is given twice"),
         (["shared_score_scale="], "has an empty value"),
@@ -174,6 +174,29 @@ def test_unscored_sweep_api(sd: Any, tmp_path: Path) -> None:
     per_set = 1 + 1  # one step of the reference (no target), then one image to decode
     assert [event.done for event in events] == list(range(1, 2 * per_set + 1))
     assert {event.total for event in events} == {2 * per_set}
+
+
+def test_a_strength_sweep_goes_from_the_plain_model_to_the_method(sd: Any, tmp_path: Path) -> None:
+    spec = SetSpec(prompts=PROMPTS, steps=2, width=64, height=64, seed=5)
+    result = run_sweep(sd, spec, parse_grid(["style-strength=0,0.5,1"]), out=tmp_path / "sweep")
+    assert result.labels == ["strength=0", "strength=0.5", "strength=1"]
+    assert Image.open(result.contact_sheet).size == (8 + 2 * (64 + 8), 8 + 32 + 3 * (32 + 64 + 8))
+    assert [json.loads((folder / "set.json").read_text())["style"]["strength"] for folder in result.folders] == [
+        0.0,
+        0.5,
+        1.0,
+    ]
+    plain_and_method = [{"only_self_level": 1.0, "share_group_norm": False}, {}]  # no layer shared, and the defaults
+    ends = run_sweep(sd, spec, plain_and_method, out=tmp_path / "ends")
+
+    def images(folder: Path) -> list[bytes]:
+        return [Image.open(path).tobytes() for path in read_set(folder).images]
+
+    zero, half, one = (images(folder) for folder in result.folders)
+    plain, method = (images(folder) for folder in ends.folders)
+    assert zero == plain and one == method  # pixel for pixel
+    assert zero[0] == half[0] == one[0]  # the reference is never changed
+    assert half[1] not in (zero[1], one[1])
 
 
 def test_interrupted_sweep_keeps_finished_sets(sd: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

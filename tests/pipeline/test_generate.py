@@ -13,7 +13,7 @@ from refiners.foundationals.latent_diffusion import StableDiffusion_1
 import style_aligned.pipeline.set_files as set_files
 from style_aligned import SharedAttentionAdapter
 from style_aligned.cli import main as cli
-from style_aligned.options import StyleAlignedOptions
+from style_aligned.options import StyleAlignedOptions, option_fields
 from style_aligned.pipeline.generate import generate_set
 from style_aligned.pipeline.progress import ProgressEvent
 from style_aligned.pipeline.spec import SetSpec
@@ -102,10 +102,11 @@ def test_generate_command_writes_images_grid_and_sidecar(
 def option_flags(style: dict[str, Any]) -> list[str]:
     """The command-line flags of a sidecar's StyleAligned options."""
     flags: list[str] = []
+    fields = {option.name: option for option in option_fields()}
     for name, value in style.items():
-        flag = f"--{name.replace('_', '-')}"
+        flag = fields[name].flag
         if isinstance(value, bool):
-            flags.append(flag if value else f"--no-{name.replace('_', '-')}")
+            flags.append(flag if value else f"--no-{flag.removeprefix('--')}")
         elif isinstance(value, list):
             flags += [flag, *map(str, value)]
         elif isinstance(value, str):

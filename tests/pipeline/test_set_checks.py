@@ -51,12 +51,16 @@ def test_bad_size_fails_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[st
         ("generate", ["--chunk-size", "0"], "chunk_size must be at least 1"),
         ("generate", ["--shared-score-scale", "0"], "shared_score_scale must be"),
         ("generate", ["--only-self-level", "1.5"], "only_self_level must be in [0, 1]"),
+        ("generate", ["--style-strength", "1.2"], "strength must be a number in [0, 1], got 1.2"),
+        ("generate", ["--attention-mode", "swap", "--style-strength", "0.5"], "strength only apply with"),
         ("generate", ["--controlnet", "cn.safetensors", "--control", "missing.png"], "no such image: missing.png"),
         ("generate", ["--lora", "missing.safetensors:0.5"], "missing.safetensors does not exist"),
         ("transfer", ["--image", "missing.png", "--caption", "a photo"], "reference image missing.png does not exist"),
         ("transfer", ["--guidance", "-2", "--image", "missing.png", "--caption", "a"], "guidance scale"),
         ("sweep", ["--grid", "shared_score_shift=0,1", "--size", "64x60"], "multiples of 8"),
         ("sweep", ["--grid", "shared_score_shift=0,1", "--clip", "not a model"], "neither a folder nor a Hub repo"),
+        ("sweep", ["--grid", "style-strength=0,1.5"], "strength must be a number in [0, 1], got 1.5"),
+        ("sweep", ["--grid", "strength=0,1", "--style-strength", "0.5"], "strength given both"),
     ],
 )
 def test_options_are_checked_before_any_model(
