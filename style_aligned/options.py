@@ -36,20 +36,17 @@ AttentionMode = Literal["concat", "swap"]
 
 
 def model_kind(model: fl.Module) -> ModelKind:
-    """The kind of a Refiners U-Net or pipeline (`"sdxl"` or `"sd1"`), or of a FLUX.1 transformer (`"flux"`).
+    """The kind of a Refiners U-Net or pipeline (`"sdxl"` or `"sd1"`); a FLUX.1 transformer is `"flux"` (told by the
+    adapters, which know the FLUX.1 models).
 
     Raises:
         TypeError: If the model is none of these.
     """
-    from style_aligned.flux.transformer import FluxTransformer
-
-    if isinstance(model, FluxTransformer):
-        return "flux"
     if isinstance(model, SDXLUNet | StableDiffusion_XL):
         return "sdxl"
     if isinstance(model, SD1UNet | StableDiffusion_1):
         return "sd1"
-    raise TypeError(f"expected an SD1 or SDXL U-Net or pipeline or a FLUX.1 transformer, got {type(model).__name__}")
+    raise TypeError(f"expected an SD1 or SDXL U-Net or pipeline, got {type(model).__name__}")
 
 
 def setting(default: Any = dataclasses.MISSING, *, help: str, factory: Callable[[], Any] | None = None) -> Any:
@@ -226,7 +223,7 @@ class StyleAlignedOptions:
     def resolved(self, kind: ModelKind) -> "StyleAlignedOptions":
         """The options with the model kind's defaults filled in (the reference examples: SD1 shares GroupNorm in
         concat mode; swap mode, as Visual Style Prompting, shares no GroupNorm; the score scale of
-        `DEFAULT_SCORE_SCALE`, unless it decreases).
+        `DEFAULT_SCORE_SCALE` in concat mode, 1 in swap mode, none when it decreases).
 
         Raises:
             ValueError: If an option that has no meaning for this kind of model is given (see `meaningless`).
@@ -241,7 +238,7 @@ class StyleAlignedOptions:
             group_norm = kind == "sd1" and self.attention_mode == "concat"
         scale = self.shared_score_scale
         if scale is None and self.shared_score_schedule == "fixed":
-            scale = DEFAULT_SCORE_SCALE[kind]
+            scale = DEFAULT_SCORE_SCALE[kind] if self.attention_mode == "concat" else 1.0
         return dataclasses.replace(self, share_group_norm=group_norm, shared_score_scale=scale)
 
     def meaningless(self, kind: ModelKind) -> list[str]:

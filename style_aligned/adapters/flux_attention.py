@@ -5,9 +5,7 @@ from typing import Any
 import refiners.fluxion.layers as fl
 from refiners.fluxion.adapters.adapter import Adapter
 
-from style_aligned.flux.transformer import RotaryQueryKey
-from style_aligned.layers.adain import AdaIN
-from style_aligned.layers.flux_sharing import (
+from style_aligned.adapters.flux_sharing import (
     FluxSharedScaledDotProductAttention,
     ImageTokensByHalf,
     ImageTokensOnly,
@@ -16,6 +14,8 @@ from style_aligned.layers.flux_sharing import (
     SharingSchedule,
     call_timestep,
 )
+from style_aligned.flux.transformer import RotaryQueryKey
+from style_aligned.layers.adain import AdaIN
 from style_aligned.layers.reference_cache import ReferenceCache
 from style_aligned.layers.references import GetReferences, SplitHalves
 from style_aligned.options import StyleAlignedOptions

@@ -11,7 +11,7 @@ DEFAULT_FLUX_BLOCKS: tuple[Block, ...] = ("single",)
 """The blocks shared by default: every single-stream block, as AlignedGen (its `block=(19, 57)`)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FluxAttentionLayer:
     """An attention layer of a FLUX.1 transformer.
 
@@ -45,7 +45,15 @@ def flux_attention_layers(transformer: FluxTransformer) -> list[FluxAttentionLay
             kernel = next((m for m in attention if type(m) is fl.ScaledDotProductAttention), None)
             if kernel is None:
                 raise ValueError(f"attention layer {len(layers)} has no scaled dot-product attention of its own")
-            layers.append(FluxAttentionLayer(len(layers), block, attention, rotary, kernel))
+            layers.append(
+                FluxAttentionLayer(
+                    index=len(layers),
+                    block=block,
+                    attention=attention,
+                    rotary=rotary,
+                    scaled_dot_product_attention=kernel,
+                )
+            )
     return layers
 
 

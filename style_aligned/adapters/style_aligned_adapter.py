@@ -10,6 +10,7 @@ from refiners.foundationals.latent_diffusion import SD1UNet, SDXLUNet
 
 from style_aligned.adapters.flux_attention import DeferredRotary, FluxSharedAttentionAdapter
 from style_aligned.adapters.flux_layers import FluxAttentionLayer, flux_attention_layers, select_flux_shared_layers
+from style_aligned.adapters.flux_sharing import SharingSchedule
 from style_aligned.adapters.group_norm import SharedGroupNormAdapter
 from style_aligned.adapters.shared_attention import SharedAttentionAdapter
 from style_aligned.adapters.unet_layers import (
@@ -22,7 +23,6 @@ from style_aligned.adapters.unet_layers import (
 )
 from style_aligned.flux.transformer import FluxTransformer
 from style_aligned.layers.control_routing import RemoveReferenceControl, RestoreReferenceControl
-from style_aligned.layers.flux_sharing import SharingSchedule
 from style_aligned.layers.reference_cache import ReferenceCache
 from style_aligned.layers.references import CheckBatchLayout
 from style_aligned.options import StyleAlignedOptions, model_kind
@@ -76,7 +76,8 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
         """
         model = _check_model(target)
         _check_not_adapted(model)
-        self.options = (options or StyleAlignedOptions()).resolved(model_kind(model))
+        kind = "flux" if isinstance(model, FluxTransformer) else model_kind(model)
+        self.options = (options or StyleAlignedOptions()).resolved(kind)
         """The effective options (see `StyleAlignedOptions`); score scale and shift can be changed while injected."""
         self.classifier_free_guidance = classifier_free_guidance
         self.reference_cache = ReferenceCache(reference_weights)
