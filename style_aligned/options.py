@@ -20,18 +20,31 @@ ModelKind = Literal["sd1", "sdxl", "flux_dev", "flux_schnell"]
 guidance embedding ([dev]) or without ([schnell])."""
 FLUX_KINDS: tuple[ModelKind, ...] = ("flux_dev", "flux_schnell")
 """The model kinds whose backbone is a FLUX.1 transformer (no U-Net)."""
-Block = Literal["down", "mid", "up"]
-"""A block of the U-Net: its down blocks, its middle block or its up blocks."""
+Block = Literal["down", "mid", "up", "double", "single"]
+"""A block of the model: a U-Net's down blocks, middle block or up blocks; FLUX.1's double-stream or single-stream
+blocks."""
 BLOCKS: tuple[Block, ...] = get_args(Block)
+MODEL_BLOCKS: dict[ModelKind, tuple[Block, ...]] = {
+    "sd1": ("down", "mid", "up"),
+    "sdxl": ("down", "mid", "up"),
+    "flux_dev": ("double", "single"),
+    "flux_schnell": ("double", "single"),
+}
+"""The blocks of each model family."""
+ScoreSchedule = Literal["fixed", "decrease"]
+"""How the factor on the reference keys evolves over the denoising: fixed, or AlignedGen's decrease `(t / 1000)^2`."""
+DEFAULT_SCORE_SCALE: dict[ModelKind, float] = {"sd1": 1.0, "sdxl": 1.0, "flux_dev": 1.1, "flux_schnell": 1.1}
+"""`shared_score_scale` left unset: 1 on the U-Nets (StyleAligned), 1.1 on FLUX.1 (AlignedGen's example)."""
 AttentionMode = Literal["concat", "swap"]
 """How targets share a reference's self-attention: StyleAligned's concatenation, or Visual Style Prompting's swap."""
 
 
 def model_kind(model: fl.Module) -> ModelKind:
-    """The kind of a Refiners U-Net or pipeline (`"sdxl"` or `"sd1"`).
+    """The kind of a Refiners U-Net or pipeline (`"sdxl"` or `"sd1"`); a FLUX.1 transformer is `"flux_dev"` or
+    `"flux_schnell"` (told by the adapters and the pipeline, which know the FLUX.1 models).
 
     Raises:
-        TypeError: If the model is neither.
+        TypeError: If the model is none of these.
     """
     if isinstance(model, SDXLUNet | StableDiffusion_XL):
         return "sdxl"
@@ -103,8 +116,15 @@ class StyleAlignedOptions:
         True, "AdaIN on the keys: match each image's key statistics to the reference's (concat mode)"
     )
     adain_values: bool = _option(False, "AdaIN on the values too (stronger colour transfer, less diversity)")
-    shared_score_scale: float = _option(
-        1.0, "factor on the reference keys given to the targets (> 0; below 1 weakens the style)"
+    shared_score_scale: float | None = _option(
+        None,
+        "factor on the reference keys given to the targets (> 0; below 1 weakens the style; default: 1 on U-Nets,"
+        " 1.1 on FLUX as AlignedGen's lambda)",
+    )
+    shared_score_schedule: ScoreSchedule = _option(
+        "fixed",
+        "fixed: shared_score_scale at every step; decrease: (t/1000)^2 at timestep t, AlignedGen's decreasing lambda"
+        " (FLUX only)",
     )
     shared_score_shift: float = _option(
         0.0, "added to the attention logits of the reference tokens (log 2 = 0.69 weighs them twice)"
@@ -122,7 +142,19 @@ class StyleAlignedOptions:
         None, "indices of the self-attention layers to share, in running order (instead of only_self_level)"
     )
     shared_blocks: tuple[Block, ...] | None = _option(
-        None, "U-Net blocks whose self-attention layers to share: down, mid, up (instead of only_self_level)"
+        None,
+        "blocks whose self-attention layers to share: down, mid, up on U-Nets; double, single on FLUX (default:"
+        " single, as AlignedGen) (instead of only_self_level)",
+    )
+    shared_window: tuple[float, ...] | None = _option(
+        None,
+        "FLUX: the part of the denoising that shares, as fractions of the way from noise (0, timestep 1000) to image"
+        " (1, timestep 0): F shares up to F, A B from A to B (default: every step, as AlignedGen's example)",
+    )
+    shifted_reference_positions: bool = _option(
+        True,
+        "FLUX: the reference's keys given to the targets sit to the right of the image (columns + width,"
+        " AlignedGen's ShiftPE); off: at the reference's own positions",
     )
     control_reference: bool = _option(
         False, "ControlNets, Control-LoRAs and T2I-Adapters also control the reference (by default it is left free)"
@@ -135,7 +167,11 @@ class StyleAlignedOptions:
     )
 
     def __post_init__(self) -> None:
-        for name in ("shared_layers", "shared_blocks"):  # lists (from JSON or the command line) become tuples
+        for name in (
+            "shared_layers",
+            "shared_blocks",
+            "shared_window",
+        ):  # lists (from JSON or the command line) become tuples
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
@@ -146,8 +182,9 @@ class StyleAlignedOptions:
         low, high = STRENGTH_BOUNDS
         if not low <= self.strength <= high:  # also refuses NaN
             raise ValueError(f"strength must be a number in [0, 1], got {self.strength}")
-        if not (math.isfinite(scale) and scale > 0):
+        if scale is not None and not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"shared_score_scale must be a finite number > 0, got {scale}")
+        self._check_flux_options()
         if not math.isfinite(shift):
             raise ValueError(f"shared_score_shift must be a finite number, got {shift}")
         if self.attention_mode not in get_args(AttentionMode):
@@ -156,14 +193,17 @@ class StyleAlignedOptions:
             swap_conflicts = {
                 "full_attention_share": self.full_attention_share,
                 "adain_values": self.adain_values,
-                "shared_score_scale": scale != 1.0,
+                "shared_score_scale": scale not in (None, 1.0),
+                "shared_score_schedule": self.shared_score_schedule != "fixed",
                 "shared_score_shift": shift != 0.0,
                 "strength": self.strength != 1.0,
             }
             if conflicts := [name for name, conflict in swap_conflicts.items() if conflict]:
                 raise ValueError(f"{', '.join(conflicts)} only apply with attention_mode='concat', not 'swap'")
-        if self.full_attention_share and (scale != 1.0 or shift != 0.0):
+        if self.full_attention_share and (scale not in (None, 1.0) or shift != 0.0):
             raise ValueError("shared_score_scale and shared_score_shift have no effect with full_attention_share=True")
+        if self.full_attention_share and self.strength != 1.0:
+            raise ValueError("strength only applies without full_attention_share (it takes strength 1 only)")
         if self.full_attention_share and self.strength != 1.0:
             raise ValueError("strength only applies without full_attention_share (it takes strength 1 only)")
         if not 0.0 <= self.only_self_level <= 1.0:
@@ -175,6 +215,28 @@ class StyleAlignedOptions:
             raise ValueError(f"shared_layers must be indices >= 0, got {negative}")
         if self.shared_blocks is not None and (unknown := sorted(set(self.shared_blocks) - set(BLOCKS))):
             raise ValueError(f"unknown shared_blocks {unknown}: choose among {list(BLOCKS)}")
+
+    def _check_flux_options(self) -> None:
+        if self.shared_score_schedule not in get_args(ScoreSchedule):
+            raise ValueError(f"shared_score_schedule must be fixed or decrease, got {self.shared_score_schedule!r}")
+        if self.shared_score_schedule == "decrease" and self.shared_score_scale is not None:
+            raise ValueError("shared_score_scale is not used with shared_score_schedule='decrease': give one of them")
+        window = self.shared_window
+        if window is not None and not (
+            len(window) in (1, 2) and all(0.0 <= w <= 1.0 for w in window) and sorted(window) == list(window)
+        ):
+            raise ValueError(f"shared_window takes one or two increasing fractions in [0, 1], got {list(window)}")
+
+    @property
+    def window(self) -> tuple[float, float]:
+        """The shared part of the denoising, `(start, end)` fractions of the way from noise to image."""
+        window = self.shared_window or (0.0, 1.0)
+        return (0.0, window[0]) if len(window) == 1 else (window[0], window[1])
+
+    @property
+    def score_scale(self) -> float:
+        """`shared_score_scale` as resolved (1 where it is unset, the U-Nets' default)."""
+        return 1.0 if self.shared_score_scale is None else self.shared_score_scale
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -202,20 +264,44 @@ class StyleAlignedOptions:
 
     def resolved(self, kind: ModelKind) -> "StyleAlignedOptions":
         """The options with the model kind's defaults filled in (the reference examples: SD1 shares GroupNorm in
-        concat mode; swap mode, as Visual Style Prompting, shares no GroupNorm; FLUX.1 has no GroupNorm).
+        concat mode; swap mode, as Visual Style Prompting, shares no GroupNorm; the score scale of
+        `DEFAULT_SCORE_SCALE` in concat mode, 1 in swap mode, none when it decreases).
 
         Raises:
-            ValueError: If an option does not apply to the model kind (shared GroupNorm or U-Net blocks on FLUX.1).
+            ValueError: If an option that has no meaning for this kind of model is given (see `meaningless`).
         """
-        if kind in FLUX_KINDS:
-            if self.share_group_norm:
-                raise ValueError("share_group_norm does not apply to FLUX.1: its transformer has no GroupNorm")
-            if self.shared_blocks is not None:
-                raise ValueError("shared_blocks names U-Net blocks: FLUX.1 has none")
-            return dataclasses.replace(self, share_group_norm=False)
-        if self.share_group_norm is not None:
-            return self
-        return dataclasses.replace(self, share_group_norm=kind == "sd1" and self.attention_mode == "concat")
+        if names := self.meaningless(kind):
+            family = "FLUX.1" if kind in FLUX_KINDS else "a U-Net"
+            raise ValueError(
+                f"{', '.join(names)} {'has' if len(names) == 1 else 'have'} no meaning on {family}: leave unset"
+            )
+        group_norm = self.share_group_norm
+        if group_norm is None:
+            group_norm = kind == "sd1" and self.attention_mode == "concat"
+        scale = self.shared_score_scale
+        if scale is None and self.shared_score_schedule == "fixed":
+            scale = DEFAULT_SCORE_SCALE[kind] if self.attention_mode == "concat" else 1.0
+        return dataclasses.replace(self, share_group_norm=group_norm, shared_score_scale=scale)
+
+    def meaningless(self, kind: ModelKind) -> list[str]:
+        """The options given that have no meaning for this kind of model: on FLUX.1 (no GroupNorm, no control branch,
+        no level, no full share) `share_group_norm`, `only_self_level`, `full_attention_share`, `control_reference`;
+        on a U-Net the options of the DiT (`shared_score_schedule`, `shared_window`, `shifted_reference_positions`);
+        and blocks of the other family."""
+        flux = kind in FLUX_KINDS
+        given = {
+            "share_group_norm": flux and bool(self.share_group_norm),
+            "only_self_level": flux and self.only_self_level != 0.0,
+            "full_attention_share": flux and self.full_attention_share,
+            "control_reference": flux and self.control_reference,
+            "shared_score_schedule": not flux and self.shared_score_schedule != "fixed",
+            "shared_window": not flux and self.shared_window is not None,
+            "shifted_reference_positions": not flux and not self.shifted_reference_positions,
+        }
+        names = [name for name, meaningless in given.items() if meaningless]
+        if self.shared_blocks is not None and (other := [b for b in self.shared_blocks if b not in MODEL_BLOCKS[kind]]):
+            names.append(f"shared_blocks {', '.join(other)}")
+        return names
 
     def to_dict(self) -> dict[str, Any]:
         """The options as JSON values (tuples as lists), for sidecars."""

@@ -55,6 +55,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         _module_fixtures.setdefault(getattr(item, "module", None), set()).update(getattr(item, "fixturenames", ()))
         if uses_full_size_fixture(item):
             item.add_marker(pytest.mark.slow)
+    # the modules that use the reduced FLUX.1 first, in a row, so that it is built once and dropped before the others
+    flux_modules = {module for module, names in _module_fixtures.items() if "flux_reduced" in names}
+    items.sort(key=lambda item: getattr(item, "module", None) not in flux_modules)  # stable: order kept otherwise
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -164,21 +167,24 @@ def sdxl_unet() -> Any:
     return models.sdxl_unet()
 
 
-@full_size_fixture(scope="session")
-def flux_reduced() -> Iterator[dict[str, Any]]:
+@full_size_fixture()
+def flux_reduced() -> dict[str, Any]:
     """FLUX.1 [dev] at full width with 2 double and 4 single blocks: the diffusers model's output on random inputs, and
-    the Refiners model loaded from its state dict (sharing its tensors: one copy of 5.2 GB)."""
+    the Refiners model loaded from its state dict (sharing its tensors: one copy of 5.2 GB).
+
+    Built once per run: the modules that use it run first, one after another (see `pytest_collection_modifyitems`),
+    and it is dropped when the first module that does not use it begins."""
+    return models.held("flux_reduced", _reduced_flux)
+
+
+def _reduced_flux() -> dict[str, Any]:
+    from style_aligned.weights.flux import load_flux_transformer
     from tests.helpers import flux
 
-    models.release()
     source = flux.diffusers_transformer(flux.REDUCED)
     inputs = flux.transformer_inputs(flux.REDUCED, batch_size=2, size=16, text_tokens=16)
     expected = flux.run_diffusers(source, inputs)
-    from style_aligned.weights.flux import load_flux_transformer
-
     model = load_flux_transformer(source.state_dict(), config=flux.REDUCED)
     del source
     gc.collect()
-    yield {"model": model, "inputs": inputs, "expected": expected}
-    del model
-    gc.collect()
+    return {"model": model, "inputs": inputs, "expected": expected}

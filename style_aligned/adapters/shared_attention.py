@@ -142,7 +142,7 @@ def shared_attention_layers(
             fl.GetArg(0),
             fl.GetArg(1),
             fl.GetArg(2),
-            ReferenceKeys(options.shared_score_scale, reference_cache=cache),
+            ReferenceKeys(options.score_scale, reference_cache=cache),
             ReferenceValues(reference_cache=cache),
         ),
         # (queries, keys, values, reference keys, reference values): (halves, images_per_half, tokens, channels) each,

@@ -1,8 +1,5 @@
-"""StyleAligned for a whole U-Net: shared attention in its self-attention layers, optionally shared GroupNorm.
-
-A FLUX.1 transformer is taken too, with the same interface (reference cache, `inject`, `eject`); it gets no shared
-layer yet, so its images are made as without StyleAligned.
-"""
+"""StyleAligned for a whole U-Net (shared attention in its self-attention layers, optionally shared GroupNorm) or a
+whole FLUX.1 transformer (shared attention in its attention layers, as AlignedGen)."""
 
 from collections.abc import Sequence
 from typing import Generic, TypeVar
@@ -11,6 +8,9 @@ import refiners.fluxion.layers as fl
 from refiners.fluxion.adapters.adapter import Adapter
 from refiners.foundationals.latent_diffusion import SD1UNet, SDXLUNet
 
+from style_aligned.adapters.flux_attention import DeferredRotary, FluxSharedAttentionAdapter
+from style_aligned.adapters.flux_layers import FluxAttentionLayer, flux_attention_layers, select_flux_shared_layers
+from style_aligned.adapters.flux_sharing import SharingSchedule
 from style_aligned.adapters.group_norm import SharedGroupNormAdapter
 from style_aligned.adapters.shared_attention import SharedAttentionAdapter
 from style_aligned.adapters.unet_layers import (
@@ -74,9 +74,9 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
                 > 0, or full attention share is asked with several references.
             RuntimeError: If StyleAligned is already injected in the U-Net.
         """
-        unet = target if isinstance(target, FluxTransformer) else check_unet(target)
-        _check_not_adapted(unet)
-        self.options = (options or StyleAlignedOptions()).resolved(_kind(unet))
+        model = _check_model(target)
+        _check_not_adapted(model)
+        self.options = (options or StyleAlignedOptions()).resolved(_kind(model))
         """The effective options (see `StyleAlignedOptions`); score scale and shift can be changed while injected."""
         self.classifier_free_guidance = classifier_free_guidance
         self.reference_cache = ReferenceCache(reference_weights)
@@ -85,42 +85,47 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
 
         options = self.options
         cache = self.reference_cache
-        self.shared_layers: tuple[SelfAttentionLayer, ...] = (
-            ()
-            if isinstance(unet, FluxTransformer)
-            else tuple(select_shared_layers(self_attention_layers(unet), options))
-        )
-        self._attention_adapters = tuple(
-            (
-                SharedAttentionAdapter(
-                    _scaled_dot_product_attention(shared.layer, shared.index),
-                    options=options,
-                    classifier_free_guidance=classifier_free_guidance,
-                    reference_cache=cache,
-                ),
-                shared.layer,
-            )
-            for shared in self.shared_layers
-        )
-        self._group_norm_adapters = (
-            tuple(
-                (
-                    SharedGroupNormAdapter(group_norm, classifier_free_guidance, cache, strength=options.strength),
-                    parent,
-                )
-                for group_norm, parent in own_layers(unet, fl.GroupNorm)
-            )
-            if options.share_group_norm
-            else ()
-        )
-
         # in lists: not registered modules
         self._check_batch_layout = [CheckBatchLayout(classifier_free_guidance, cache)]
-        self._reference_control = (
-            []
-            if options.control_reference or isinstance(unet, FluxTransformer)
-            else [RemoveReferenceControl(classifier_free_guidance, cache), RestoreReferenceControl()]
-        )
+        self._schedule: list[SharingSchedule] = []  # on FLUX.1: when and how its layers share
+        self._group_norm_adapters: tuple[tuple[SharedGroupNormAdapter, fl.Chain], ...] = ()
+        self._reference_control: list[fl.Module] = []
+        if isinstance(model, FluxTransformer):
+            self.shared_layers: tuple[SelfAttentionLayer | FluxAttentionLayer, ...] = tuple(
+                select_flux_shared_layers(flux_attention_layers(model), options)
+            )
+            self._schedule.append(_sharing_schedule(model, options))
+            self._attention_adapters = _flux_adapters(
+                self.shared_layers, options, classifier_free_guidance, cache=cache, schedule=self._schedule[0]
+            )
+        else:
+            unet_layers = select_shared_layers(self_attention_layers(model), options)
+            self.shared_layers = tuple(unet_layers)
+            self._attention_adapters = tuple(
+                (
+                    SharedAttentionAdapter(
+                        _scaled_dot_product_attention(shared.layer, shared.index),
+                        options=options,
+                        classifier_free_guidance=classifier_free_guidance,
+                        reference_cache=cache,
+                    ),
+                    shared.layer,
+                )
+                for shared in unet_layers
+            )
+            if options.share_group_norm:
+                self._group_norm_adapters = tuple(
+                    (
+                        SharedGroupNormAdapter(group_norm, classifier_free_guidance, cache, strength=options.strength),
+                        parent,
+                    )
+                    for group_norm, parent in own_layers(model, fl.GroupNorm)
+                )
+            if not options.control_reference:
+                self._reference_control = [
+                    RemoveReferenceControl(classifier_free_guidance, cache),
+                    RestoreReferenceControl(),
+                ]
         with self.setup_adapter(target):
             super().__init__(target)
 
@@ -132,7 +137,7 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
     @property
     def shared_score_scale(self) -> float:
         """Factor on the reference keys given to the targets; can be changed while injected."""
-        return self.options.shared_score_scale
+        return self.options.score_scale
 
     @shared_score_scale.setter
     def shared_score_scale(self, value: float) -> None:
@@ -148,11 +153,16 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
         self._set_scores(shared_score_shift=value)
 
     def _set_scores(self, **scores: float) -> None:
-        """Change `shared_score_scale` or `shared_score_shift` in the options (checked there) and in every layer."""
+        """Change `shared_score_scale` or `shared_score_shift` in the options (checked there) and in every layer (on
+        FLUX.1 the scale is lambda, in the sharing schedule)."""
         self.options = self.options.replace(**scores)
+        for schedule in self._schedule:
+            schedule.scale = self.options.shared_score_scale
         for adapter, _ in self._attention_adapters:
             for name, value in scores.items():
-                setattr(adapter, name, value)
+                if isinstance(adapter, SharedAttentionAdapter) or name == "shared_score_shift":
+                    if not isinstance(adapter, DeferredRotary):
+                        setattr(adapter, name, value)
 
     def inject(self, parent: fl.Chain | None = None) -> "StyleAlignedAdapter[T]":
         """Put the shared layers in the U-Net.
@@ -169,7 +179,7 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
             if not any(module is adapter.target for module in layer_parent):
                 raise RuntimeError(
                     f"{type(adapter.target).__name__} in {type(layer_parent).__name__} is no longer in place: the"
-                    " U-Net changed since this adapter was made; make a new StyleAlignedAdapter"
+                    " model changed since this adapter was made; make a new StyleAlignedAdapter"
                 )
         for adapter, layer_parent in (*self._attention_adapters, *self._group_norm_adapters):
             adapter.inject(layer_parent)
@@ -206,10 +216,51 @@ def _kind(target: "SD1UNet | SDXLUNet | FluxTransformer") -> ModelKind:
     return model_kind(target)
 
 
-def _check_not_adapted(unet: fl.Chain) -> None:
-    for adapter_type in (SharedAttentionAdapter, SharedGroupNormAdapter):
-        if next(own_layers(unet, adapter_type), None) is not None:
-            raise RuntimeError("StyleAligned is already injected in this U-Net: eject it first")
+def _check_model(target: object) -> "SD1UNet | SDXLUNet | FluxTransformer":
+    """The target as a U-Net or a FLUX.1 transformer (see `check_unet`)."""
+    return target if isinstance(target, FluxTransformer) else check_unet(target)
+
+
+def _check_not_adapted(model: fl.Chain) -> None:
+    for adapter_type in (SharedAttentionAdapter, SharedGroupNormAdapter, FluxSharedAttentionAdapter):
+        if next(own_layers(model, adapter_type), None) is not None:
+            raise RuntimeError(f"StyleAligned is already injected in this {type(model).__name__}: eject it first")
+
+
+def _flux_adapters(
+    layers: tuple[SelfAttentionLayer | FluxAttentionLayer, ...],
+    options: StyleAlignedOptions,
+    classifier_free_guidance: bool,
+    *,
+    cache: ReferenceCache,
+    schedule: SharingSchedule,
+) -> tuple[tuple[DeferredRotary | FluxSharedAttentionAdapter, fl.Chain], ...]:
+    """The adapters of the shared FLUX.1 layers, with the layer each goes in: the rotary embedding deferred to the
+    shared attention, which replaces the kernel."""
+    adapters: list[tuple[DeferredRotary | FluxSharedAttentionAdapter, fl.Chain]] = []
+    for layer in layers:
+        if isinstance(layer, FluxAttentionLayer):
+            kernel = FluxSharedAttentionAdapter(
+                layer.scaled_dot_product_attention,
+                options=options,
+                classifier_free_guidance=classifier_free_guidance,
+                reference_cache=cache,
+                schedule=schedule,
+            )
+            adapters += [(DeferredRotary(layer.rotary), layer.attention), (kernel, layer.attention)]
+    return tuple(adapters)
+
+
+def _sharing_schedule(transformer: FluxTransformer, options: StyleAlignedOptions) -> SharingSchedule:
+    """The per-call schedule of the shared layers: the step window, lambda and the reference's positions."""
+    return SharingSchedule(
+        window=options.window,
+        scale=options.shared_score_scale,
+        schedule=options.shared_score_schedule,
+        shifted_positions=options.shifted_reference_positions,
+        axes_dims=transformer.config.axes_dims_rope,
+        theta=transformer.config.rope_theta,
+    )
 
 
 def _scaled_dot_product_attention(layer: fl.SelfAttention, index: int) -> fl.ScaledDotProductAttention:

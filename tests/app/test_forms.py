@@ -29,7 +29,13 @@ def test_every_style_option_is_on_the_page_with_its_own_help() -> None:
     kinds = {name: control("generate", name).kind for name in STYLE_CONTROLS}
     assert kinds["adain_queries"] == kinds["share_group_norm"] == "switch"
     assert kinds["shared_score_shift"] == "float" and kinds["shared_layers"] == "list"
-    assert kinds["shared_blocks"] == "choices" and control("generate", "shared_blocks").choices == ("down", "mid", "up")
+    assert kinds["shared_blocks"] == "choices" and control("generate", "shared_blocks").choices == (
+        "down",
+        "mid",
+        "up",
+        "double",
+        "single",
+    )
 
 
 def test_set_and_transfer_settings_read_the_specs_fields() -> None:

@@ -113,3 +113,27 @@ def test_with_an_offload_each_stage_has_only_its_models_on_the_accelerator() -> 
     generate_set(models, spec(prompts=PROMPTS[:2], guidance=None), progress=progress)
     assert offload.stages == [TEXT_ENCODERS, ("transformer",), ("autoencoder",)]
     assert {phase: on for phase, on in seen} == {"targets": {"transformer"}, "decode": {"autoencoder"}}
+
+
+def _levels(a: Any, b: Any) -> int:
+    return int(
+        (torch.tensor(list(a.tobytes()), dtype=torch.int16) - torch.tensor(list(b.tobytes()), dtype=torch.int16))
+        .abs()
+        .max()
+    )
+
+
+def test_the_reference_is_plain_fluxs_image_of_its_prompt_alone(dev: FluxModels) -> None:
+    shared = generate_set(dev, spec())
+    alone = generate_set(dev, spec(prompts=PROMPTS[:1]))
+    assert _levels(shared.images[0], alone.images[0]) <= 1
+    unshared = generate_set(dev, spec(style=StyleAlignedOptions(strength=0.0)))
+    assert _levels(shared.images[1], unshared.images[1]) > 1  # the targets share the reference's style
+
+
+def test_a_set_of_eight_in_chunks_of_two_and_of_seven_equals_the_one_batch_set(dev: FluxModels) -> None:
+    prompts = [f"a toy {word}" for word in ("train", "car", "fox", "boat", "plane", "house", "tree", "cat")]
+    whole = generate_set(dev, spec(prompts=prompts))
+    for chunk_size in (2, 7):
+        chunked = generate_set(dev, spec(prompts=prompts, chunk_size=chunk_size))
+        assert max(_levels(a, b) for a, b in zip(chunked.images, whole.images, strict=True)) <= 1
