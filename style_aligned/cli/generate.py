@@ -8,13 +8,9 @@ from style_aligned.cli.options import (
     add_model_options,
     add_set_options,
     add_style_options,
-    check_files,
-    check_for_model,
-    check_out,
     default_help,
     given,
-    load_model,
-    say_complete,
+    load_for_set,
     set_values,
     write_set,
 )
@@ -54,12 +50,10 @@ def run_generate(args: argparse.Namespace) -> None:
     from style_aligned.pipeline.set_files import set_request, set_title, sidecar
 
     spec = generate_spec(args)  # everything that can be checked before the model is read
-    check_for_model(args, spec)
     asked = set_request("generate", spec, model=str(args.model))
-    if check_out(args.out, asked, args.overwrite):
-        return say_complete(args.out)
-    check_files(args)
-    sd = load_model(args)
+    sd = load_for_set(args, spec, asked)
+    if sd is None:
+        return
     spec = spec.resolved(sd)
     write_set(
         args.out,

@@ -283,6 +283,17 @@ def check_for_model(args: argparse.Namespace, spec: Any) -> None:
     spec.resolved(args.model_kind or "sd1")  # SD1 and SDXL refuse the same options
 
 
+def load_for_set(args: argparse.Namespace, spec: Any, asked: dict[str, Any]) -> Any | None:
+    """Check a set's spec against `--model` (see `check_for_model`), what `--out` holds (see `check_out`) and the local
+    files, then load the model; None, once said, when `--out` already holds the set asked for."""
+    check_for_model(args, spec)
+    if check_out(args.out, asked, args.overwrite):
+        say_complete(args.out)
+        return None
+    check_files(args)
+    return load_model(args)
+
+
 def load_model(args: argparse.Namespace) -> Any:
     from style_aligned.weights.families import flux_kind, load_models
 

@@ -12,13 +12,9 @@ from style_aligned.cli.options import (
     add_model_options,
     add_set_options,
     add_style_options,
-    check_files,
-    check_for_model,
-    check_out,
     default_help,
     given,
-    load_model,
-    say_complete,
+    load_for_set,
     set_values,
     write_set,
 )
@@ -81,12 +77,10 @@ def run_transfer(args: argparse.Namespace) -> None:
     trajectories = [ReferenceTrajectory.load(path) for path in references.trajectories]
     spec = transfer_spec(transfer_values(args), references, trajectories[0] if trajectories else None)
     pictures = [read_image(path) for path in references.images]  # checked before the model is loaded
-    check_for_model(args, spec)
     asked = references.request(str(args.model), spec)
-    if check_out(args.out, asked, args.overwrite):
-        return say_complete(args.out)
-    check_files(args)
-    sd = load_model(args)
+    sd = load_for_set(args, spec, asked)
+    if sd is None:
+        return
     spec = spec.resolved(sd)
     save_to: list[Path] = args.save_trajectories or []
     for index, (path, picture, caption) in enumerate(

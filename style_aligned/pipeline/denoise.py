@@ -18,27 +18,6 @@ from style_aligned.pipeline.solvers import fresh_copy, image_generators, is_stoc
 from style_aligned.pipeline.spec import SetSpec
 
 
-def predict_noise(
-    backbone: Backbone,
-    x: Tensor,
-    step: int,
-    *,
-    solver: Solver,
-    conditioning: dict[str, Tensor],
-    guidance: float,
-    classifier_free_guidance: bool,
-) -> Tensor:
-    """The model's (guided) prediction for a batch of latents at a step (see `Backbone.predict`)."""
-    return backbone.predict(
-        x,
-        step,
-        solver=solver,
-        conditioning=conditioning,
-        guidance=guidance,
-        classifier_free_guidance=classifier_free_guidance,
-    )
-
-
 def denoise_set(
     model: Model | Backbone,
     adapter: StyleAlignedAdapter[Any],
@@ -103,8 +82,7 @@ def denoise_set(
                 rows = _rows(images, x.device)
                 mode = cache.record() if call == 1 else cache.replay()
                 with mode if len(groups) > 1 else contextlib.nullcontext():
-                    noise = predict_noise(
-                        backbone,
+                    noise = backbone.predict(
                         x[rows],
                         step,
                         solver=solvers[call - 1],

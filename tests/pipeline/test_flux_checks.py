@@ -65,7 +65,7 @@ def test_flux_is_told_from_small_files(tmp_path: Path) -> None:
         (["--negative-prompt", "blurry"], "no negative prompt"),
         (["--size", "40"], "multiples of 16 pixels for FLUX.1"),
         (["--solver", "dpm"], "its own solver, flow_euler"),
-        (["--share-group-norm"], "share_group_norm does not apply to FLUX.1"),
+        (["--share-group-norm"], "share_group_norm has no meaning on FLUX.1"),
         (["--lora", "style.safetensors"], "LoRAs"),
         (["--controlnet", "depth.safetensors", "--control", "depth.png"], "ControlNets"),
         (["--timestep-spacing", "trailing"], "timestep_spacing"),
@@ -109,5 +109,5 @@ def test_a_sweep_setting_that_flux_does_not_take_fails_before_any_model(
     model = flux_index(tmp_path / "FLUX.1-dev")
     grid = ["--grid", "share_group_norm=false,true"]
     error = error_of(["sweep", "--model", str(model), *PROMPTS, *grid, "--out", str(tmp_path / "sweep")], capsys)
-    assert "share_group_norm does not apply to FLUX.1" in error
+    assert "share_group_norm has no meaning on FLUX.1" in error
     assert not (tmp_path / "sweep").exists()

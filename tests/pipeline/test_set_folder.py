@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 import style_aligned.cli.generate as generate_command
-import style_aligned.pipeline.denoise as denoise
 from style_aligned.cli import main as cli
 from style_aligned.pipeline.set_files import SetFolder, folder_state, make_set, set_request, sidecar
 from style_aligned.pipeline.spec import GeneratedSet, SetSpec
+from style_aligned.pipeline.unet_backbone import UNetBackbone
 
 PROMPTS = ["a toy train", "a toy car", "a toy boat"]
 ROOT = Path(__file__).parents[2]
@@ -111,14 +111,14 @@ def test_generate_killed_part_way_is_completed_by_the_same_command(
     with monkeypatch.context() as patch:
         if crash == "denoising":
             calls = iter(range(100))
-            predict = denoise.predict_noise
+            predict = UNetBackbone.predict
 
             def crashing(*args: Any, **kwargs: Any) -> Any:
                 if next(calls) == 1:
                     raise Crash
                 return predict(*args, **kwargs)
 
-            patch.setattr(denoise, "predict_noise", crashing)
+            patch.setattr(UNetBackbone, "predict", crashing)
         else:
             keep = {"no image": 0, "one image": 1, "every image": 4}[crash]
             add, added = SetFolder.add, iter(range(100))
