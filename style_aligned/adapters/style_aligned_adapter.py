@@ -61,7 +61,7 @@ class StyleAlignedAdapter(Generic[T], fl.Chain, Adapter[T]):
         """Initialize the adapter; nothing is changed in the U-Net until `inject`.
 
         Args:
-            target: The U-Net (`SDXLUNet` or `SD1UNet`), or a `FluxTransformer` (no layer is shared in it yet).
+            target: The U-Net (`SDXLUNet` or `SD1UNet`), or a `FluxTransformer` (shared as AlignedGen shares it).
             options: How the images share the reference's style (default: `StyleAlignedOptions()`); options left
                 to the model kind (`share_group_norm`) take the reference implementation's example for this U-Net.
             classifier_free_guidance: Whether the batch is an unconditional half followed by a conditional half.

@@ -139,7 +139,7 @@ def test_sd1_sweep(sd1_converted: Path, scorers: tuple[Path, Path], tmp_path: Pa
     folders = [Path(row["path"]) for row in table]
     assert folders[3].name == "04-shared_score_shift=1.5,share_group_norm=on"
     assert json.loads((folders[3] / "set.json").read_text())["style"] == (
-        StyleAlignedOptions(adain_values=True, shared_score_shift=1.5, share_group_norm=True).to_dict()
+        StyleAlignedOptions(adain_values=True, shared_score_shift=1.5, share_group_norm=True).resolved("sd1").to_dict()
     )
 
     different = [Image.open(read_set(folder).images[1]).tobytes() for folder in folders]
@@ -169,7 +169,9 @@ def test_unscored_sweep_api(sd: Any, tmp_path: Path) -> None:
     ]
     assert Image.open(result.contact_sheet).size == (8 + 64 + 8, 8 + 32 + 2 * (32 + 64 + 8))
     sidecar = json.loads((result.folders[1] / "set.json").read_text())
-    expected = StyleAlignedOptions(adain_values=True, only_self_level=1.0, share_group_norm=True).to_dict()
+    expected = (
+        StyleAlignedOptions(adain_values=True, only_self_level=1.0, share_group_norm=True).resolved("sd1").to_dict()
+    )
     assert (sidecar["model"], sidecar["style"]) == ("m", expected)  # every effective option, SD1's shared GroupNorm
     per_set = 1 + 1  # one step of the reference (no target), then one image to decode
     assert [event.done for event in events] == list(range(1, 2 * per_set + 1))

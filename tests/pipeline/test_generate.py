@@ -88,7 +88,10 @@ def test_generate_command_writes_images_grid_and_sidecar(
     sidecar: dict[str, Any] = json.loads((out / "set.json").read_text())
     assert sidecar["command"] == "generate" and sidecar["seed"] == 7 and sidecar["chunk_size"] == 1
     assert sidecar["image_prompts"] == PROMPTS[:3]
-    assert sidecar["style"] == StyleAlignedOptions(shared_score_shift=0.69, share_group_norm=True).to_dict()
+    assert (
+        sidecar["style"]
+        == StyleAlignedOptions(shared_score_shift=0.69, share_group_norm=True).resolved("sd1").to_dict()
+    )
     assert sidecar["width"] == sidecar["height"] == 64 and sidecar["guidance"] == 7.5
     assert sidecar["images"][0].startswith("00-reference-a-toy-train")
     for name in sidecar["images"]:
