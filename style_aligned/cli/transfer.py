@@ -86,7 +86,7 @@ def run_transfer(args: argparse.Namespace) -> None:
     for index, (path, picture, caption) in enumerate(
         zip(args.images or [], pictures, args.captions or [], strict=True)
     ):
-        print(f"inverting {path} ({spec.steps} DDIM steps)", file=sys.stderr)
+        print(f"inverting {path} ({spec.steps} {spec.solver} steps)", file=sys.stderr)
         trajectory = make_trajectory(sd, picture, caption, spec=spec)
         if save_to:
             trajectory.save(save_to[index])
@@ -110,10 +110,10 @@ def add_transfer_command(parser: argparse.ArgumentParser) -> None:
     from style_aligned.pipeline.transfer import OFFSET, TRANSFER_GUIDANCE, TransferSpec
 
     parser.description = (
-        "Generate a set in the style of a real image: the image is inverted with DDIM under its caption, and its"
-        " trajectory becomes the reference of the set (image 0, the reconstructed input). Defaults follow the"
-        " reference implementation's transfer example: shared GroupNorm, shift log 2,"
-        f" guidance {TRANSFER_GUIDANCE:g}, offset {OFFSET}."
+        "Generate a set in the style of a real image: the image is inverted under its caption (DDIM on SD1 and SDXL,"
+        " the flow's Euler steps backwards on FLUX.1), and its trajectory becomes the reference of the set (image 0,"
+        " the reconstructed input). On SD1 and SDXL the defaults follow the reference implementation's transfer"
+        f" example: shared GroupNorm, shift log 2, guidance {TRANSFER_GUIDANCE['sd1']:g}, offset {OFFSET['sd1']}."
     )
     add_model_options(parser)
     add_set_options(parser)

@@ -85,6 +85,10 @@ class Backbone(Protocol):
         """The model's (guided) prediction for a batch of latents at a solver step."""
         ...
 
+    def encode(self, image: Image.Image) -> Tensor:
+        """The latents of an image of the set's size, `(1, *latent)` in the set's layout (the `"encode"` stage)."""
+        ...
+
     def decode(self, latents: Tensor, spec: SetSpec) -> Image.Image:
         """The image of one image's final latents."""
         ...
@@ -94,7 +98,7 @@ class Backbone(Protocol):
         ...
 
     def stage(self, name: str) -> contextlib.AbstractContextManager[None]:
-        """A stage of a set, `"text"`, `"denoise"` or `"decode"`: with an offload, only its models on the
+        """A stage of a set, `"text"`, `"denoise"`, `"encode"` or `"decode"`: with an offload, only its models on the
         accelerator."""
         ...
 

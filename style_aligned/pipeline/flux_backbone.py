@@ -27,6 +27,7 @@ from style_aligned.pipeline.spec import SetSpec
 STAGES: dict[str, tuple[str, ...]] = {
     "text": TEXT_ENCODERS,
     "denoise": ("transformer",),
+    "encode": ("autoencoder",),
     "decode": ("autoencoder",),
 }
 """The models each stage of a set uses, by the names of `FluxModels.offload`."""
@@ -142,6 +143,11 @@ class FluxBackbone:
         transformer.set_image_ids(image_ids=conditioning["image_ids"])
         return transformer(x)
 
+    def encode(self, image: Image.Image) -> Tensor:
+        """The packed latents of an image: `(1, (height / 16) * (width / 16), 64)`, in the transformer's dtype."""
+        autoencoder = self.models.autoencoder
+        return pack_latents(autoencoder.image_to_latents(image)).to(device=self.device, dtype=self.dtype)
+
     def decode(self, latents: Tensor, spec: SetSpec) -> Image.Image:
         """The image of one image's packed latents."""
         autoencoder = self.models.autoencoder
@@ -153,6 +159,7 @@ class FluxBackbone:
         return unpack_latents(latents, spec.height // 8, spec.width // 8)
 
     def stage(self, name: str) -> contextlib.AbstractContextManager[None]:
-        """With an offload, only the models of the stage (`"text"`, `"denoise"`, `"decode"`) on the accelerator."""
+        """With an offload, only the models of the stage (`"text"`, `"denoise"`, `"encode"`, `"decode"`) on the
+        accelerator."""
         offload = self.models.model_offload
         return contextlib.nullcontext() if offload is None else offload.use(*STAGES[name])

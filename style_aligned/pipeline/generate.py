@@ -14,7 +14,7 @@ from style_aligned.pipeline.progress import Preview, Progress, ProgressEvent
 from style_aligned.pipeline.spec import GeneratedSet, SetSpec
 from style_aligned.pipeline.unet_backbone import initial_noise
 
-__all__ = ["decode", "decode_set", "generate_set", "initial_noise"]
+__all__ = ["decode", "decode_set", "generate_set", "initial_noise", "unpacked_preview"]
 
 
 def generate_set(
@@ -55,7 +55,7 @@ def generate_set(
     targets, decoded = spec.plan().select(images)
     solver = backbone.make_solver(spec)
     latents = backbone.initial_latents(spec, spec.num_images(), solver)
-    shown = None if preview is None else _unpacking(preview, backbone, spec)
+    shown = unpacked_preview(preview, backbone, spec)
     latents = denoise_with_extras(
         backbone,
         spec,
@@ -68,7 +68,11 @@ def generate_set(
     return decode_set(backbone, latents, spec, images=decoded, progress=progress)
 
 
-def _unpacking(preview: Preview, backbone: Backbone, spec: SetSpec) -> Preview:
+def unpacked_preview(preview: Preview | None, backbone: Backbone, spec: SetSpec) -> Preview | None:
+    """A preview that shows latents as the autoencoder takes them (FLUX.1's packed tokens unpacked)."""
+    if preview is None:
+        return None
+
     def show(latent: Tensor) -> None:
         preview(backbone.unpacked(latent, spec))
 

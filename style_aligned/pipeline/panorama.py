@@ -82,8 +82,8 @@ class PanoramaSpec:
     style: StyleAlignedOptions = setting(
         help="how the views share the reference's style (StyleAligned options)", factory=StyleAlignedOptions
     )
-    offset: int = setting(OFFSET, help="trajectory index the reference starts from")
-    inversion_guidance: float = setting(INVERSION_GUIDANCE, help="guidance of the inversion")
+    offset: int = setting(OFFSET["sd1"], help="trajectory index the reference starts from")  # SD1's is SDXL's
+    inversion_guidance: float = setting(INVERSION_GUIDANCE["sd1"], help="guidance of the inversion")
     fit: Fit = setting("crop", help="fit the reference image to the view size: cover and crop, or stretch (resize)")
 
     def resolved(self, sd: "Model | ModelKind") -> "PanoramaSpec":

@@ -1,4 +1,5 @@
-"""Style transfer from a real image: the reference row follows the image's DDIM inversion trajectory."""
+"""Style transfer from a real image: the reference row follows the image's inversion trajectory (DDIM's on the
+U-Nets, the flow's on FLUX.1)."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -8,21 +9,24 @@ from PIL import Image
 from torch import Tensor
 
 from style_aligned.options import FLUX_KINDS, ModelKind, StyleAlignedOptions, setting
+from style_aligned.pipeline.backbone import backbone_of
 from style_aligned.pipeline.denoise import denoise_with_extras, with_preview
-from style_aligned.pipeline.generate import decode_set, initial_noise
+from style_aligned.pipeline.generate import decode_set, unpacked_preview
 from style_aligned.pipeline.images import Fit
 from style_aligned.pipeline.inversion import ReferenceTrajectory, encode_image, invert
-from style_aligned.pipeline.model import Model, StableDiffusion, kind_of
+from style_aligned.pipeline.model import Model, kind_of
 from style_aligned.pipeline.progress import Preview, Progress
-from style_aligned.pipeline.solvers import ddim
 from style_aligned.pipeline.spec import GeneratedSet, SetSpec
 
-TRANSFER_GUIDANCE = 10.0
-"""The guidance scale of the reference implementation's transfer example."""
-INVERSION_GUIDANCE = 2.0
-"""The guidance scale of the inversion (transfers and panoramas from a real image)."""
-OFFSET = 5
-"""The trajectory index a real reference image starts from (transfers and panoramas)."""
+TRANSFER_GUIDANCE: dict[ModelKind, float | None] = {"sd1": 10.0, "sdxl": 10.0, "flux_dev": 3.5, "flux_schnell": None}
+"""The guidance scale of a transfer: the reference implementation's transfer example (U-Nets); FLUX.1's own."""
+INVERSION_GUIDANCE: dict[ModelKind, float | None] = {"sd1": 2.0, "sdxl": 2.0, "flux_dev": 1.0, "flux_schnell": None}
+"""The guidance scale of the inversion (transfers and panoramas from a real image): the reference example's
+classifier-free guidance on the U-Nets; FLUX.1 [dev]'s guidance embedding at 1, as flow inversions run it; none on
+[schnell]."""
+OFFSET: dict[ModelKind, int] = {"sd1": 5, "sdxl": 5, "flux_dev": 3, "flux_schnell": 1}
+"""The trajectory index a real reference image starts from (transfers and panoramas): 5 of the U-Nets' 50 steps as
+in the reference example, about a tenth of FLUX.1 [dev]'s 28, 1 of [schnell]'s 4."""
 
 
 @dataclass(kw_only=True)
@@ -38,12 +42,16 @@ class TransferSpec(SetSpec):
         fit: How the image is fitted to the size: `"crop"` (cover, centre crop) or `"resize"` (stretch).
     """
 
-    offset: int = setting(OFFSET, help="trajectory index the reference starts from")
-    inversion_guidance: float = setting(INVERSION_GUIDANCE, help="guidance of the inversion")
+    offset: int | None = setting(
+        None, help="trajectory index the reference starts from (default: 5 SD1 and SDXL, 3 FLUX.1 [dev], 1 [schnell])"
+    )
+    inversion_guidance: float | None = setting(
+        None, help="guidance of the inversion (default: 2 SD1 and SDXL, 1 FLUX.1 [dev]; [schnell] takes none)"
+    )
     fit: Fit = setting("crop", help="fit the image to the size: cover and crop, or stretch (resize)")
     style: StyleAlignedOptions = setting(
-        help="how the images share the reference's style (default: the transfer example's: shared GroupNorm, shift"
-        " log 2)",
+        help="how the images share the reference's style (default on SD1 and SDXL: the transfer example's: shared"
+        " GroupNorm, shift log 2; FLUX.1 shares as in its sets)",
         factory=StyleAlignedOptions.for_transfer,
     )
 
@@ -52,52 +60,72 @@ class TransferSpec(SetSpec):
         return self.num_references() + len(self.prompts)
 
     def resolved(self, model: "Model | ModelKind") -> "TransferSpec":
-        if kind_of(model) in FLUX_KINDS:
-            raise ValueError("transfer inverts the image with DDIM on an SD1 or SDXL U-Net: FLUX.1 is not supported")
-        spec = replace(self, guidance=TRANSFER_GUIDANCE if self.guidance is None else self.guidance)
+        kind = kind_of(model)
+        if kind == "flux_schnell" and self.inversion_guidance is not None:
+            raise ValueError("FLUX.1 [schnell] has no guidance embedding: it takes no inversion guidance")
+        spec = replace(
+            self,
+            style=_without_unet_example(self.style) if kind in FLUX_KINDS else self.style,
+            guidance=TRANSFER_GUIDANCE[kind] if self.guidance is None else self.guidance,
+            offset=OFFSET[kind] if self.offset is None else self.offset,
+            inversion_guidance=INVERSION_GUIDANCE[kind] if self.inversion_guidance is None else self.inversion_guidance,
+        )
         resolved = SetSpec.resolved(spec, model)
-        assert isinstance(resolved, TransferSpec)
+        assert isinstance(resolved, TransferSpec) and resolved.offset is not None
         check_transfer_solver(resolved.solver, resolved.timestep_spacing)
         if not 0 <= resolved.offset < resolved.num_steps:
             raise ValueError(f"offset must be in [0, steps), got {resolved.offset} for {resolved.steps} steps")
         return resolved
 
 
+def _without_unet_example(style: StyleAlignedOptions) -> StyleAlignedOptions:
+    """The style of a FLUX.1 transfer: the options left at the U-Net transfer example's values (shared GroupNorm,
+    shift log 2) back at the plain defaults, so that FLUX.1 shares as its sets do (AlignedGen's way)."""
+    example, plain = StyleAlignedOptions.for_transfer(), StyleAlignedOptions()
+    names = [
+        name for name in ("share_group_norm", "shared_score_shift") if getattr(style, name) == getattr(example, name)
+    ]
+    return style.replace(**{name: getattr(plain, name) for name in names})
+
+
 def check_transfer_solver(solver: str | None, timestep_spacing: str | None) -> None:
-    """Check that a transfer denoises with DDIM at leading spacing, the schedule its inversion walks.
+    """Check that a transfer denoises with the schedule its inversion walks: DDIM at leading spacing (U-Nets) or
+    FLUX.1's flow_euler.
 
     Raises:
         ValueError: If not.
     """
-    if solver not in (None, "ddim"):
+    if solver not in (None, "ddim", "flow_euler"):
         raise ValueError(
-            f"transfer denoises with DDIM, the solver its DDIM inversion is made for: got --solver {solver}"
+            "transfer denoises with the solver its inversion is made for (ddim on SD1 and SDXL, flow_euler on"
+            f" FLUX.1): got --solver {solver}"
         )
     if timestep_spacing not in (None, "leading"):
         raise ValueError(f"transfer uses DDIM's leading timesteps, as its inversion: got spacing {timestep_spacing}")
 
 
 def make_trajectory(
-    sd: StableDiffusion,
+    model: Model,
     image: Image.Image,
     caption: str,
     *,
     spec: TransferSpec,
     progress: Progress | None = None,
 ) -> ReferenceTrajectory:
-    """Encode and invert a reference image for the sets of `spec` (its size, steps and fit).
+    """Encode and invert a reference image for the sets of `spec` (its size, steps and fit) on a model (a U-Net
+    pipeline or FLUX.1's models).
 
     `progress` is called after each inversion step (phase `"invert"`).
     """
-    spec = replace(spec, reference_prompts=None, reference_weights=None).resolved(sd)  # the image alone
+    backbone = backbone_of(model)
+    spec = replace(spec, reference_prompts=None, reference_weights=None).resolved(backbone.kind)  # the image alone
     assert spec.width is not None and spec.height is not None
-    latents = encode_image(sd, image, width=spec.width, height=spec.height, fit=spec.fit)
-    solver = ddim(sd, spec.num_steps)
+    latents = encode_image(backbone, image, width=spec.width, height=spec.height, fit=spec.fit)
     return invert(
-        sd,
+        backbone,
         latents,
         caption,
-        solver=solver,
+        solver=backbone.make_solver(spec),
         guidance=spec.inversion_guidance,
         width=spec.width,
         height=spec.height,
@@ -110,7 +138,7 @@ Trajectories = ReferenceTrajectory | Sequence[ReferenceTrajectory]
 
 
 def transfer_latents(
-    sd: StableDiffusion,
+    model: Model,
     trajectory: Trajectories,
     spec: TransferSpec,
     *,
@@ -121,7 +149,7 @@ def transfer_latents(
     """Denoise a set in the style of inverted reference images; see `transfer_set`.
 
     Args:
-        sd: The model.
+        model: The model (a U-Net pipeline or FLUX.1's models).
         trajectory: The reference's inversion.
         spec: The targets and settings.
         progress: Called as the work proceeds.
@@ -131,6 +159,7 @@ def transfer_latents(
     Returns:
         The final latents (the references first) and the resolved spec.
     """
+    backbone = backbone_of(model)
     trajectories = [trajectory] if isinstance(trajectory, ReferenceTrajectory) else list(trajectory)
     if not trajectories:
         raise ValueError("style transfer needs at least one reference image")
@@ -140,34 +169,34 @@ def transfer_latents(
         spec,
         reference_prompt=None if several else captions[0],
         reference_prompts=captions if several else None,
-    ).resolved(sd)
-    assert spec.width is not None and spec.height is not None and spec.guidance is not None
-    solver = ddim(sd, spec.num_steps)
+    ).resolved(backbone.kind)
+    assert spec.width is not None and spec.height is not None and spec.offset is not None
+    solver = backbone.make_solver(spec)
     for reference_trajectory in trajectories:
-        reference_trajectory.check_fits(sd, solver, width=spec.width, height=spec.height)
-    prompts = spec.image_prompts()
-    latents = initial_noise(spec, len(prompts), device=sd.device, dtype=sd.dtype)
-    references = torch.stack([t.latents.to(device=sd.device, dtype=sd.dtype) for t in trajectories], dim=1)
-    latents[: len(trajectories)] = references[spec.offset]  # references: (steps + 1, k, 4, h, w)
-    first_step = solver.first_inference_step
+        reference_trajectory.check_fits(backbone, solver, width=spec.width, height=spec.height)
+    latents = backbone.initial_latents(spec, spec.num_images(), solver)
+    device, dtype = backbone.device, backbone.dtype
+    references = torch.stack([t.latents.to(device=device, dtype=dtype) for t in trajectories], dim=1)
+    offset, first_step = spec.offset, solver.first_inference_step
+    latents[: len(trajectories)] = references[offset]  # references: (steps + 1, k, *latent)
 
     def follow_trajectory(step: int, _: Tensor) -> Tensor:
-        return references[max(spec.offset + 1, step - first_step + 1)]
+        return references[max(offset + 1, step - first_step + 1)]
 
     latents = denoise_with_extras(
-        sd,
+        backbone,
         spec,
         latents,
         solver=solver,
         progress=progress,
-        after_reference_step=with_preview(follow_trajectory, preview),
+        after_reference_step=with_preview(follow_trajectory, unpacked_preview(preview, backbone, spec)),
         targets=targets,
     )
     return latents, spec
 
 
 def transfer_set(
-    sd: StableDiffusion,
+    model: Model,
     trajectory: Trajectories,
     spec: TransferSpec,
     *,
@@ -184,7 +213,7 @@ def transfer_set(
     (`spec.reference_weights`).
 
     Args:
-        sd: The model.
+        model: The model (a U-Net pipeline or FLUX.1's models).
         trajectory: The reference's inversion (see `make_trajectory`), for this model, schedule and size, or several.
         spec: The targets and settings; its reference prompts are ignored (the trajectories' captions are used).
         progress: Called as the work proceeds.
@@ -200,5 +229,5 @@ def transfer_set(
     trajectories = [trajectory] if isinstance(trajectory, ReferenceTrajectory) else list(trajectory)
     several = [f"reference {number}" for number in range(1, len(trajectories) + 1)] if len(trajectories) > 1 else None
     targets, decoded = replace(spec, reference_prompts=several).plan().select(images)
-    latents, spec = transfer_latents(sd, trajectory, spec, progress=progress, targets=targets, preview=preview)
-    return decode_set(sd, latents, spec, images=decoded, progress=progress)
+    latents, spec = transfer_latents(model, trajectory, spec, progress=progress, targets=targets, preview=preview)
+    return decode_set(model, latents, spec, images=decoded, progress=progress)

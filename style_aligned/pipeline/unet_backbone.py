@@ -111,6 +111,11 @@ class UNetBackbone:
         unconditional, conditional = sd.unet(latents).chunk(2)
         return unconditional + guidance * (conditional - unconditional)
 
+    def encode(self, image: Image.Image) -> Tensor:
+        """The autoencoder's scaled latent mean of an image `(1, 4, height / 8, width / 8)`, in the model's dtype (in
+        the `"encode"` stage: computed in float32)."""
+        return self.sd.lda.image_to_latents(image).to(dtype=self.dtype)
+
     def decode(self, latents: Tensor, spec: SetSpec) -> Image.Image:
         """The image of one latent `(1, 4, height / 8, width / 8)` (in the `"decode"` stage: in float32)."""
         return self.sd.lda.latents_to_image(latents.to(self.sd.lda.dtype))
@@ -120,5 +125,6 @@ class UNetBackbone:
         return latents
 
     def stage(self, name: str) -> contextlib.AbstractContextManager[None]:
-        """Every model stays where it is; the autoencoder decodes in float32 (see `autoencoder_in_float32`)."""
-        return autoencoder_in_float32(self.sd) if name == "decode" else contextlib.nullcontext()
+        """Every model stays where it is; the autoencoder encodes and decodes in float32 (see
+        `autoencoder_in_float32`)."""
+        return autoencoder_in_float32(self.sd) if name in ("encode", "decode") else contextlib.nullcontext()

@@ -1,6 +1,6 @@
-"""`generate`, `sweep`, `batch`, the app and `convert` take a FLUX.1 model as `--model` with no other change, through
-their public paths, on a random FLUX.1 diffusers folder (tiny transformer and T5; CLIP L and the autoencoder at their
-real sizes, so the folder is a full-size fixture: these tests are in the slow tier)."""
+"""`generate`, `transfer`, `sweep`, `batch`, the app and `convert` take a FLUX.1 model as `--model` with no other
+change, through their public paths, on a random FLUX.1 diffusers folder (tiny transformer and T5; CLIP L and the
+autoencoder at their real sizes, so the folder is a full-size fixture: these tests are in the slow tier)."""
 
 import gc
 import json
@@ -18,7 +18,9 @@ from style_aligned.cli import main as cli
 from style_aligned.flux.models import FluxModels
 from style_aligned.flux.transformer import FluxTransformer
 from style_aligned.pipeline.generate import generate_set
+from style_aligned.pipeline.inversion import ReferenceTrajectory
 from style_aligned.pipeline.spec import SetSpec
+from style_aligned.pipeline.transfer import TransferSpec, transfer_set
 from style_aligned.weights.families import flux_kind
 from style_aligned.weights.flux_loading import load_flux
 from style_aligned.weights.safetensors_io import SafetensorsReader
@@ -73,6 +75,30 @@ def test_sweep_and_batch_take_the_folder_as_model(flux_folder: Path, tmp_path: P
     cli(["batch", str(manifest), "--model", str(flux_folder), "--out", str(tmp_path / "batch")])
     made = sidecar(tmp_path / "batch" / "toys")
     assert made["backbone"] == "flux_dev" and made["steps"] == 1 and "pending" not in made
+
+
+def test_transfer_inverts_the_image_on_the_folder_and_reuses_the_inversion(
+    flux_folder: Path, flux_models: FluxModels, tmp_path: Path
+) -> None:
+    image = tmp_path / "style.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 32, 3), dtype=np.uint8)).save(image)
+    options = ["--model", str(flux_folder), "--prompt", PROMPTS[0], "--size", "32x16", "--steps", "2", "--offset", "0"]
+    saved = tmp_path / "inversion.safetensors"
+    reference = ["--image", str(image), "--caption", "a red pattern", "--save-trajectory", str(saved)]
+    cli(["transfer", *options, *reference, "--out", str(tmp_path / "one")])
+    details = sidecar(tmp_path / "one")
+    assert details["backbone"] == "flux_dev" and details["solver"] == "flow_euler" and details["offset"] == 0
+    assert details["inversion_guidance"] == 1.0 and not details["style"]["share_group_norm"]
+    trajectory = ReferenceTrajectory.load(saved)
+    spec = TransferSpec(prompts=PROMPTS[:1], steps=2, width=32, height=16, offset=0)
+    expected = transfer_set(flux_models, trajectory, spec)
+    for name, picture in zip(details["images"], expected.images, strict=True):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "one" / name)), np.asarray(picture))
+    cli(["transfer", *options, "--trajectory", str(saved), "--out", str(tmp_path / "two")])
+    again = sidecar(tmp_path / "two")
+    assert [Image.open(tmp_path / "two" / name).tobytes() for name in again["images"]] == [
+        picture.tobytes() for picture in expected.images
+    ]
 
 
 def test_the_app_makes_a_flux_set_with_its_previews(flux_models: FluxModels, tmp_path: Path) -> None:
