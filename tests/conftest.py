@@ -55,9 +55,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         _module_fixtures.setdefault(getattr(item, "module", None), set()).update(getattr(item, "fixturenames", ()))
         if uses_full_size_fixture(item):
             item.add_marker(pytest.mark.slow)
-    # the modules that use the reduced FLUX.1 first, in a row, so that it is built once and dropped before the others
-    flux_modules = {module for module, names in _module_fixtures.items() if "flux_reduced" in names}
-    items.sort(key=lambda item: getattr(item, "module", None) not in flux_modules)  # stable: order kept otherwise
+    items.sort(key=_held_model_rank)  # stable: the order is kept otherwise
+
+
+HELD_MODELS_FIRST = ("flux_reduced", "sd1_random", "sdxl_unet")
+"""The held models whose modules run first, grouped by model in this order, so that each is built once and dropped
+before the next (the SD1 pipeline's modules follow, in their own order)."""
+
+
+def _held_model_rank(item: pytest.Item) -> int:
+    names = _module_fixtures.get(getattr(item, "module", None), set())
+    return next((rank for rank, name in enumerate(HELD_MODELS_FIRST) if name in names), len(HELD_MODELS_FIRST))
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -159,6 +167,13 @@ def sd1_pipeline(sd1_converted: Path) -> Any:
     model = models.held("sd1_pipeline", lambda: load_pipeline(sd1_converted))  # drops any other held model
     assert isinstance(model, StableDiffusion_1)
     return model
+
+
+@full_size_fixture()
+def sd1_random() -> Any:
+    """A random full-size SD1 pipeline built in memory (a Refiners `StableDiffusion_1`), shared by the modules that use
+    it in a row."""
+    return models.sd1()
 
 
 @full_size_fixture()

@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 import refiners.fluxion.layers as fl
-from refiners.foundationals.latent_diffusion import SD1UNet, SDXLUNet
+import torch
+from refiners.foundationals.latent_diffusion import SD1UNet, SDXLUNet, StableDiffusion_1
 from torch import Tensor
 
 from style_aligned import StyleAlignedAdapter, self_attention_layers
@@ -47,9 +48,9 @@ class SpecGroupNorm(fl.Module):
         return spec.shared_group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, False).to(x.dtype)
 
 
-@models.full_size_fixture(params=["sd1", "sdxl"])
-def unet(request: pytest.FixtureRequest) -> SD1UNet | SDXLUNet:
-    return models.sd1().unet if request.param == "sd1" else models.sdxl_unet()
+@pytest.fixture(scope="module")
+def sd1_unet(sd1_random: StableDiffusion_1) -> SD1UNet:
+    return sd1_random.unet
 
 
 def with_spec_layers(unet: SD1UNet | SDXLUNet, options: dict[str, Any], inputs: dict[str, Tensor]) -> Tensor:
@@ -70,9 +71,29 @@ def with_spec_layers(unet: SD1UNet | SDXLUNet, options: dict[str, Any], inputs: 
 
 
 @pytest.mark.parametrize("options", OPTION_SETS, ids=["defaults", "group-norm-shift-scale"])
-def test_adapter_without_guidance_equals_the_independent_implementation(
-    unet: SD1UNet | SDXLUNet, options: dict[str, Any]
+def test_sd1_adapter_without_guidance_equals_the_independent_implementation(
+    sd1_unet: SD1UNet, options: dict[str, Any]
 ) -> None:
+    check_against_independent_implementation(sd1_unet, options)
+
+
+def test_sdxl_adapter_equals_the_independent_implementation_and_strength_zero_the_plain_unet(
+    sdxl_unet: SDXLUNet,
+) -> None:
+    inputs, _, plain = check_against_independent_implementation(sdxl_unet, OPTION_SETS[1])
+    options = StyleAlignedOptions(**OPTION_SETS[1], strength=0.0)  # strength 1 is the options' default, checked above
+    adapter = StyleAlignedAdapter(sdxl_unet, options, classifier_free_guidance=False).inject()
+    try:
+        assert torch.equal(models.run_unet(sdxl_unet, inputs), plain)
+    finally:
+        adapter.eject()
+
+
+def check_against_independent_implementation(
+    unet: SD1UNet | SDXLUNet, options: dict[str, Any]
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """Check the adapter against the independent implementation; returns the inputs, the adapter's output and the
+    plain U-Net's."""
     # SD1 attends at the 1/8, 1/16 and 1/32 levels and in the middle (1/64): 16x16 latents give every layer 4 tokens
     # or more (AdaIN's unbiased variance needs 2)
     inputs = models.unet_inputs(unet, batch_size=3, size=16 if isinstance(unet, SD1UNet) else 8, seed=5)
@@ -86,3 +107,4 @@ def test_adapter_without_guidance_equals_the_independent_implementation(
     plain = models.run_unet(unet, inputs)
     assert_close(output[:1], plain[:1], tolerance=1e-5)  # the reference keeps its plain output
     assert (output[1:] - plain[1:]).abs().max().item() > 1e-3
+    return inputs, output, plain
