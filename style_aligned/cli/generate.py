@@ -47,7 +47,7 @@ def generate_spec(args: argparse.Namespace) -> "SetSpec":
 def run_generate(args: argparse.Namespace) -> None:
     from style_aligned.pipeline.generate import generate_set
     from style_aligned.pipeline.model import kind_of
-    from style_aligned.pipeline.set_files import set_request, set_title, sidecar
+    from style_aligned.pipeline.set_files import set_request
 
     spec = generate_spec(args)  # everything that can be checked before the model is read
     asked = set_request("generate", spec, model=str(args.model))
@@ -56,12 +56,14 @@ def run_generate(args: argparse.Namespace) -> None:
         return
     spec = spec.resolved(sd)
     write_set(
-        args.out,
-        sidecar("generate", spec, spec.image_prompts(), model=str(args.model), backbone=kind_of(sd), request=asked),
-        lambda images, progress: generate_set(sd, spec, progress=progress, images=images),
-        plan=spec.plan(),
-        title=set_title("generate", spec.seed),
-        overwrite=args.overwrite,
+        args,
+        "generate",
+        spec,
+        prompts=spec.image_prompts(),
+        make=lambda images, progress: generate_set(sd, spec, progress=progress, images=images),
+        model=str(args.model),
+        backbone=kind_of(sd),
+        request=asked,
     )
 
 

@@ -327,34 +327,36 @@ class ProgressBar:
 
 
 def write_set(
-    out: Path,
-    details: dict[str, Any],
-    make: Callable[[list[int] | None, Any], Any],
+    args: argparse.Namespace,
+    command: str,
+    spec: Any,
     *,
-    plan: Any,
-    title: str,
-    overwrite: bool = False,
+    prompts: list[str],
+    make: Callable[[list[int] | None, Any], Any],
+    **details: Any,
 ) -> None:
-    """Make the images that `out` lacks under a progress bar, writing each as it is decoded (see `make_set`), and
-    print `out`.
+    """Make the images that `--out` lacks under a progress bar, writing each as it is decoded (see `make_set`), and
+    print `--out`.
 
     Args:
-        out: The set's folder (see `SetFolder`: a set killed part way is completed by the same command again).
-        details: The sidecar (see `set_files.sidecar`), with the request.
+        args: The command's arguments (`--out`, `--overwrite`: replace the set in `--out` if it is another one; the
+            new set takes its place only when complete).
+        command: The command that makes the set (`"generate"`, `"transfer"`), for its sidecar and grid title.
+        spec: The resolved set.
+        prompts: The prompt of every image, the references first.
         make: Makes some images of the set (see `generate_set`'s `images`), reporting to the progress it is given.
-        plan: How the set is cut (a `SetPlan`).
-        title: The title of the grid image.
-        overwrite: Replace the set in `out` if it is another one (the new set takes its place only when complete).
+        details: What the sidecar adds to the spec (see `set_files.sidecar`), the request included.
     """
-    from style_aligned.pipeline.set_files import SetFolder, make_set
+    from style_aligned.pipeline.set_files import SetFolder, make_set, set_title, sidecar
 
-    folder = SetFolder(out, details, title=title, overwrite=overwrite)
+    title = set_title(command, spec.seed)
+    folder = SetFolder(args.out, sidecar(command, spec, prompts, **details), title=title, overwrite=args.overwrite)
     if folder.complete:
-        say_complete(out)
+        say_complete(args.out)
         return
     bar = ProgressBar(f"{len(folder.missing)} of {len(folder.names)} images")
     try:
-        make_set(folder, plan, make, progress=bar)
+        make_set(folder, spec.plan(), make, progress=bar)
     finally:
         bar.close()
-    print(out)
+    print(args.out)

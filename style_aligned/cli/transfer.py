@@ -68,7 +68,6 @@ def read_image(path: Path) -> "Image.Image":
 def run_transfer(args: argparse.Namespace) -> None:
     from style_aligned.pipeline.inversion import ReferenceTrajectory
     from style_aligned.pipeline.model import kind_of
-    from style_aligned.pipeline.set_files import set_title, sidecar
     from style_aligned.pipeline.transfer import make_trajectory, transfer_set
     from style_aligned.pipeline.transfer_inputs import transfer_spec
 
@@ -97,12 +96,12 @@ def run_transfer(args: argparse.Namespace) -> None:
     prompts = [*(t.caption for t in trajectories), *spec.prompts]
     details = references.details(str(args.model), trajectories) | {"backbone": kind_of(sd), "request": asked}
     write_set(
-        args.out,
-        sidecar("transfer", spec, prompts, **details),
-        lambda images, progress: transfer_set(sd, trajectories, spec, progress=progress, images=images),
-        plan=spec.plan(),
-        title=set_title("transfer", spec.seed),
-        overwrite=args.overwrite,
+        args,
+        "transfer",
+        spec,
+        prompts=prompts,
+        make=lambda images, progress: transfer_set(sd, trajectories, spec, progress=progress, images=images),
+        **details,
     )
 
 

@@ -93,7 +93,8 @@ def test_schnell_guidance_offload_transfer_and_batch_lines_fail_before_any_model
     image = tmp_path / "image.png"
     Image.new("RGB", (16, 16)).save(image)
     transfer = ["transfer", "--model", str(schnell), "--image", str(image), "--caption", "a", *PROMPTS, *out]
-    assert "FLUX.1 is not supported" in error_of(transfer, capsys)
+    assert "takes no inversion guidance" in error_of([*transfer, "--inversion-guidance", "2"], capsys)
+    assert "its own solver, flow_euler, not ddim" in error_of([*transfer, "--solver", "ddim"], capsys)
     manifest = tmp_path / "sets.jsonl"
     manifest.write_text(
         json.dumps({"id": "toys", "kind": "generate", "prompts": ["a", "b"], "negative_prompt": "x"}) + "\n"

@@ -132,5 +132,5 @@ def test_transfer_with_another_solver_fails_at_once(tmp_path: Path, capsys: pyte
     with pytest.raises(SystemExit) as exit_info:
         cli(arguments)
     assert exit_info.value.code == 2
-    assert "transfer denoises with DDIM" in capsys.readouterr().err
+    assert "transfer denoises with the solver its inversion is made for" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
