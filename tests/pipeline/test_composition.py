@@ -3,6 +3,7 @@
 import gc
 import itertools
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -15,6 +16,7 @@ from refiners.foundationals.latent_diffusion.image_prompt import ImageProjection
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl import ControlLoraAdapter
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl.control_lora import ConditionEncoder, ZeroConvolution
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl.t2i_adapter import SDXLT2IAdapter
+from safetensors.torch import load_file, save_file
 
 from style_aligned import StyleAlignedAdapter
 from style_aligned.options import StyleAlignedOptions
@@ -37,10 +39,20 @@ def inputs(unet: SDXLUNet) -> dict[str, torch.Tensor]:
 
 
 @models.full_size_fixture()
-def controlnet_weights() -> Iterator[dict[str, torch.Tensor]]:
+def controlnet_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A random SDXL ControlNet's weights (5 GB), on disk: read when a test injects it, so that they are in memory
+    beside the U-Net only while a ControlNet is."""
+    path = tmp_path_factory.mktemp("controlnet") / "controlnet.safetensors"
     controlnet = build_random(lambda: SDXLControlnet(name="random"), seed=7)
-    yield controlnet.state_dict()
+    save_file(controlnet.state_dict(), path)
     del controlnet
+    gc.collect()
+    yield path
+    path.unlink()
+
+
+def random_controlnet(unet: SDXLUNet, path: Path) -> SDXLControlnetAdapter:
+    return SDXLControlnetAdapter(unet, name="depth", weights=load_file(path))
 
 
 def conditions(seed: int) -> torch.Tensor:
@@ -54,11 +66,11 @@ def run(unet: SDXLUNet, inputs: dict[str, torch.Tensor], before: Callable[[], No
 
 
 def test_controlnet_guides_the_targets_only(
-    unet: SDXLUNet, inputs: dict[str, torch.Tensor], controlnet_weights: dict[str, torch.Tensor]
+    unet: SDXLUNet, inputs: dict[str, torch.Tensor], controlnet_file: Path
 ) -> None:
     style_aligned = StyleAlignedAdapter(unet).inject()
     without = models.run_unet(unet, inputs)
-    controlnet = SDXLControlnetAdapter(unet, name="depth", weights=controlnet_weights).inject()
+    controlnet = random_controlnet(unet, controlnet_file).inject()
     try:
         first = run(unet, inputs, lambda: controlnet.set_controlnet_condition(conditions(1)))
         second = run(unet, inputs, lambda: controlnet.set_controlnet_condition(conditions(2)))
@@ -79,6 +91,8 @@ def test_controlnet_guides_the_targets_only(
     finally:
         controlnet.eject()
         controlled.eject()
+    del controlnet
+    gc.collect()  # the ControlNet's 5 GB, held in reference cycles
     assert (both[REFERENCE_ROWS] - without[REFERENCE_ROWS]).abs().max().item() > 1e-3
 
 
@@ -138,7 +152,7 @@ def lora_tensors() -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def composables(unet: SDXLUNet, controlnet_weights: dict[str, torch.Tensor]) -> dict[str, Composable]:
+def composables(unet: SDXLUNet, controlnet_file: Path) -> dict[str, Composable]:
     holder = cast(Any, SimpleNamespace(unet=unet, clip_text_encoder=fl.Chain(), device=unet.device, dtype=unet.dtype))
     with torch.device("meta"):
         image_encoder = CLIPImageEncoderH()  # never run: the image embedding is given
@@ -165,7 +179,7 @@ def composables(unet: SDXLUNet, controlnet_weights: dict[str, torch.Tensor]) -> 
         ),
         "controlnet": Composable(
             "controlnet",
-            lambda: SDXLControlnetAdapter(unet, name="depth", weights=controlnet_weights).inject(),
+            lambda: random_controlnet(unet, controlnet_file).inject(),
             lambda a: a.set_controlnet_condition(conditions(6)),
             lambda a: a.eject(),
         ),
