@@ -256,4 +256,5 @@ def test_pairs_inject_in_any_order_and_eject_in_any_order(
     together[pair] = results[0]
     current = {name: (id(p), p.data_ptr(), p._version) for name, p in unet.named_parameters()}  # noqa: SLF001
     assert current == parameters  # the same tensors, never written to
-    assert torch.equal(models.run_unet(unet, inputs), alone["plain"])
+    if first == "style-aligned":  # and the same outputs (once per other adapter: each U-Net call takes seconds)
+        assert torch.equal(models.run_unet(unet, inputs), alone["plain"])
