@@ -169,6 +169,19 @@ def sd1_pipeline(sd1_converted: Path) -> Any:
     return model
 
 
+@full_size_fixture(scope="session")
+def flux_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A random FLUX.1 [dev] pipeline in the diffusers layout: tiny transformer and T5, CLIP L and the autoencoder at
+    their real sizes. The front ends' end-to-end tests (batches on Ray, the app in a browser) make their sets with it:
+    what they add to the set engine is the same for every backbone, and it loads in a second."""
+    from tests.helpers.flux_pipeline import write_flux_pipeline
+
+    folder = tmp_path_factory.mktemp("flux") / "FLUX.1-tiny"
+    write_flux_pipeline(folder)
+    yield folder
+    shutil.rmtree(folder)
+
+
 @full_size_fixture()
 def sd1_random() -> Any:
     """A random full-size SD1 pipeline built in memory (a Refiners `StableDiffusion_1`), shared by the modules that use

@@ -168,8 +168,11 @@ class Studio:
             return f"Loading the model {self.description}... {time.monotonic() - self.state.started:.0f} s"
         if self.state.error is not None:
             return f"Error: {self.state.error}"
+        from style_aligned.pipeline.backbone import backbone_of
+
         model = self.state.model
-        return f"Model {self.description} ready ({type(model).__name__} on {model.device}, {model.dtype})"
+        backbone = backbone_of(model)  # a U-Net pipeline or FLUX.1's models
+        return f"Model {self.description} ready ({type(model).__name__} on {backbone.device}, {backbone.dtype})"
 
     def submit(self, job: Job, work: Callable[[Job, Any], None]) -> threading.Thread:
         """Run `work(job, model)` in a thread, after the jobs before it and once the model is loaded.

@@ -13,7 +13,6 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from style_aligned.batch.manifest import SetEntry
-from style_aligned.flux.models import FluxModels
 from style_aligned.pipeline.generate import generate_set
 from style_aligned.pipeline.inversion import ReferenceTrajectory
 from style_aligned.pipeline.model import Model, kind_of
@@ -148,8 +147,7 @@ class SetWorker:
             spec = replace(spec, steps=len(trajectory.timesteps))
         if trajectory is not None and spec.width is None and spec.height is None:
             spec = replace(spec, width=trajectory.width, height=trajectory.height)
-        spec = spec.resolved(sd)  # FLUX.1 is refused here
-        assert not isinstance(sd, FluxModels)
+        spec = spec.resolved(sd)
         if trajectory is None:
             assert entry.image is not None and entry.caption is not None
             try:
@@ -157,7 +155,7 @@ class SetWorker:
                 image.load()
             except (OSError, UnidentifiedImageError) as error:
                 raise ValueError(f"cannot read the reference image {entry.image}: {error}") from None
-            print(f"inverting {entry.image} ({spec.steps} DDIM steps)", file=sys.stderr)
+            print(f"inverting {entry.image} ({spec.steps} {spec.solver} steps)", file=sys.stderr)
             trajectory = make_trajectory(sd, image, entry.caption, spec=spec)
         if task.invert:
             return replace(trajectory, latents=trajectory.latents.cpu())

@@ -155,15 +155,16 @@ class SetSpec:
         kind = kind_of(model)
         if refused := self.refusals(kind):
             raise ValueError(refused[0])
-        width = self.width or self.height or DEFAULT_SIZE[kind]
-        height = self.height or width
+        self.check(kind)  # before the defaults fill what was not given (a size or step count of 0 is an error)
+        width = first_given(self.width, self.height, DEFAULT_SIZE[kind])
+        height = first_given(self.height, width)
         guidance = DEFAULT_GUIDANCE[kind] if self.guidance is None else self.guidance
         spec = replace(
             self,
             width=width,
             height=height,
             guidance=guidance,
-            steps=self.steps or DEFAULT_STEPS[kind],
+            steps=first_given(self.steps, DEFAULT_STEPS[kind]),
             solver=self.solver or DEFAULT_SOLVER[kind],
             style=self.style.resolved(kind),
         )
@@ -213,7 +214,8 @@ class SetSpec:
             if len(self.reference_prompts) > 1 and self.controls:
                 raise ValueError("ControlNets work with one reference; give a single reference prompt")
         self.mixture_weights()
-        width, height = self.width or self.height, self.height or self.width
+        width = self.width if self.width is not None else self.height
+        height = self.height if self.height is not None else width
         multiple = 8 if kind is None else SIZE_MULTIPLE[kind]
         if (
             width is not None
@@ -235,6 +237,11 @@ class SetSpec:
         if self.solver == "lcm" and self.steps is not None and self.steps > 50:
             raise ValueError(f"the LCM solver takes at most 50 steps, got {self.steps}")
         # the StyleAligned options were checked when `style` was made (see `StyleAlignedOptions`)
+
+
+def first_given(*values: int | None) -> int:
+    """The first value that is not None (the last is a default)."""
+    return next(value for value in values if value is not None)
 
 
 @dataclass

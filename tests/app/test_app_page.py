@@ -1,4 +1,6 @@
-"""The app in a real browser, on the random-weight SD1 pipeline at 64x64 px: sets, transfer, cancel, bad input.
+"""The app in a real browser, on a random FLUX.1 folder (`flux_folder`) at 64x64 px: sets, transfer, cancel, bad input.
+What the app adds to the set engine is the same for every backbone; SD1's and SDXL's sets are tested in
+`tests/pipeline`.
 
 `style-aligned app` runs in a process of its own, as a user starts it; headless Chromium works its page. Set
 `UPDATE_APP_SCREENSHOT=1` to write the screenshot taken after a set to docs/app.png (the README shows it).
@@ -37,8 +39,8 @@ SCREENSHOT = Path(__file__).parents[2] / "docs" / "app.png"
 
 
 @pytest.fixture(scope="module")
-def app(sd1_converted: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
-    with running_app(sd1_converted, tmp_path_factory.mktemp("app") / "sets") as running:
+def app(flux_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
+    with running_app(flux_folder, tmp_path_factory.mktemp("app") / "sets") as running:
         yield running
 
 

@@ -1,10 +1,9 @@
-"""Batches end to end on the random SD1 model at 64x64 px, 2 steps: on a local Ray cluster of 2 workers, against
-each set made alone by `generate` or `transfer`, and in this process after the driver was killed.
+"""Batches end to end on a random FLUX.1 folder (`flux_folder`) at 64x64 px, 2 steps: on a local Ray cluster of 2
+workers, against each set made alone by `generate` or `transfer`, and in this process after the driver was killed.
 
 One manifest of 4 sets (one split generate set, one split transfer, a set of two weighted references split in two and
 the same set unsplit) and a set that fails (its image is missing) is made once on Ray and once without; the tests
-compare those runs, and a rerun of the Ray run skips every complete set. Each Ray worker loads its own pipeline (about
-4.2 GiB), so 2 workers at most.
+compare those runs, and a rerun of the Ray run skips every complete set. Each Ray worker loads its own models.
 """
 
 import gc
@@ -80,7 +79,7 @@ def run(command: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(sd1_converted: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def runs(flux_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The manifest made on a local Ray cluster of 2 workers, and made without Ray by a driver killed with SIGKILL
     after its first set, then rerun."""
     folder = tmp_path_factory.mktemp("batch")
@@ -89,7 +88,7 @@ def runs(sd1_converted: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     lines = [{"width": 64, "height": 64, "steps": 2, **line} for line in SETS]
     manifest = folder / "sets.jsonl"
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    model = ["--model", str(sd1_converted)]
+    model = ["--model", str(flux_folder)]
 
     on_ray = run(batch(manifest, folder / "ray", *model, "--workers", "2"))
     assert on_ray.returncode in (0, 1), on_ray.stderr
@@ -110,7 +109,7 @@ def runs(sd1_converted: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     rerun = run(batch(manifest, local, *model))
     return {
         "folder": folder,
-        "model": sd1_converted,
+        "model": flux_folder,
         "on_ray": on_ray,
         "ray_again": ray_again,
         "killed_output": killed_output,

@@ -4,7 +4,6 @@ autoencoder at their real sizes, so the folder is a full-size fixture: these tes
 
 import gc
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +23,9 @@ from style_aligned.pipeline.transfer import TransferSpec, transfer_set
 from style_aligned.weights.families import flux_kind
 from style_aligned.weights.flux_loading import load_flux
 from style_aligned.weights.safetensors_io import SafetensorsReader
-from tests.helpers.flux_pipeline import write_flux_pipeline
 from tests.helpers.models import full_size_fixture
 
 PROMPTS = ["a toy train", "a toy car", "a watercolor fox"]
-
-
-@full_size_fixture()
-def flux_folder(tmp_path_factory: Any) -> Iterator[Path]:
-    folder = tmp_path_factory.mktemp("flux") / "FLUX.1-tiny"
-    write_flux_pipeline(folder)
-    yield folder
 
 
 @full_size_fixture()
