@@ -99,13 +99,24 @@ def test_batched_views_are_averaged_as_multidiffusion_does(
     assert bool(covered.all())  # every latent pixel is in some view
 
 
-def test_panorama_end_to_end_with_a_plain_reference(sd: StableDiffusion_1) -> None:
+@pytest.fixture(scope="module")
+def in_threes(sd: StableDiffusion_1) -> dict[str, Any]:
+    """A panorama with views in batches of 3, the progress it reported and the U-Net batch sizes it ran."""
     events: list[ProgressEvent] = []
-    solver = sd.solver
-    result = generate_panorama(sd, spec(view_batch=3), progress=events.append)
+    rows: list[int] = []
+    hook = sd.unet.register_forward_pre_hook(lambda _, inputs: rows.append(inputs[0].shape[0]))
+    try:
+        result = generate_panorama(sd, spec(view_batch=3), progress=events.append)
+    finally:
+        hook.remove()
+    return {"result": result, "events": events, "rows": rows}
+
+
+def test_panorama_end_to_end_with_a_plain_reference(sd: StableDiffusion_1, in_threes: dict[str, Any]) -> None:
+    result, events = in_threes["result"], in_threes["events"]
     assert result.panorama.size == (256, 64) and result.reference.size == (64, 64)
     assert result.views == [(0, left) for left in range(0, 193, 32)]  # 7 views of 64x64 px
-    assert sd.solver is solver and not list(sd.unet.layers(SharedAttentionAdapter))
+    assert not list(sd.unet.layers(SharedAttentionAdapter))
     # per step: the reference, then 3 batches of views (3, 3, 1); then 2 decoded images
     assert [e.phase for e in events] == (["reference"] + ["targets"] * 3) * 2 + ["decode"] * 2
     assert [e.done for e in events] == list(range(1, 11)) and {e.total for e in events} == {10}
@@ -113,17 +124,12 @@ def test_panorama_end_to_end_with_a_plain_reference(sd: StableDiffusion_1) -> No
     assert np.abs(pixels(result.reference) - pixels(plain)).max() == 0
 
 
-def test_view_batch_does_not_change_the_panorama(sd: StableDiffusion_1) -> None:
+def test_view_batch_does_not_change_the_panorama(sd: StableDiffusion_1, in_threes: dict[str, Any]) -> None:
+    solver = sd.solver
     one = generate_panorama(sd, spec(view_batch=1))
-    rows: list[int] = []
-    hook = sd.unet.register_forward_pre_hook(lambda _, inputs: rows.append(inputs[0].shape[0]))
-    try:
-        three = generate_panorama(sd, spec(view_batch=3))
-        wider = generate_panorama(sd, spec(view_batch=3, width=512))
-    finally:
-        hook.remove()
-    assert wider.panorama.size == (512, 64) and len(wider.views) == 15
-    assert max(rows) == 2 * 3  # the U-Net sees at most `view_batch` views (with guidance), whatever the width
+    three = in_threes["result"]
+    assert sd.solver is solver
+    assert max(in_threes["rows"]) == 2 * 3  # the U-Net sees at most `view_batch` views (with guidance)
     assert np.abs(pixels(one.panorama) - pixels(three.panorama)).max() <= 1
     assert np.abs(pixels(one.reference) - pixels(three.reference)).max() == 0
 
