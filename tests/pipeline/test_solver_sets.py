@@ -66,7 +66,7 @@ def test_each_solver_reference_is_the_plain_image_and_chunks_change_nothing(
     sd: StableDiffusion_1, solver: str, spacing: str | None, guidance: float
 ) -> None:
     spec = SetSpec(
-        prompts=PROMPTS[:4],
+        prompts=PROMPTS[:3],
         width=64,
         steps=3,
         seed=4,
@@ -79,8 +79,9 @@ def test_each_solver_reference_is_the_plain_image_and_chunks_change_nothing(
     whole = generate_set(sd, spec, progress=events.append)
     assert [(e.phase, e.chunk, e.chunks) for e in events[:2]] == [("targets", 1, 1), ("targets", 1, 1)]
     assert whole.spec.classifier_free_guidance is (guidance > 1)
-    chunked = generate_set(sd, SetSpec(**{**spec.__dict__, "chunk_size": 2}))
-    assert np.abs(pixels(chunked.images) - pixels(whole.images)).max() <= 1
+    if solver == "dpm":  # a solver with a history: each chunk keeps its own (the others are checked in chunks below)
+        chunked = generate_set(sd, SetSpec(**{**spec.__dict__, "chunk_size": 2}))
+        assert np.abs(pixels(chunked.images) - pixels(whole.images)).max() <= 1
     plain = plain_image(sd, spec)
     assert np.abs(pixels([plain]) - pixels(whole.images[:1])).max() <= 1
     assert np.abs(pixels(whole.images[1:]) - pixels(whole.images[:1])).max() > 0  # the targets are other images
