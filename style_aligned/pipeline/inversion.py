@@ -204,8 +204,9 @@ class ReferenceTrajectory:
 
 
 def schedule(solver: Solver) -> list[float]:
-    """The timesteps a solver runs, descending: those a trajectory is made for."""
-    return [float(timestep) for timestep in solver.timesteps[solver.first_inference_step :]]
+    """The timesteps a solver runs, descending: those a trajectory is made for (DDIM's as integers)."""
+    timesteps = solver.timesteps[solver.first_inference_step :]
+    return [float(t) if timesteps.is_floating_point() else int(t) for t in timesteps]
 
 
 def model_identity(model: Model | Backbone) -> str:

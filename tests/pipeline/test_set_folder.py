@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-import style_aligned.cli.generate as generate_command
+import style_aligned.cli.options as command_options
 from style_aligned.cli import main as cli
 from style_aligned.pipeline.set_files import SetFolder, folder_state, make_set, set_request, sidecar
 from style_aligned.pipeline.spec import GeneratedSet, SetSpec
@@ -102,7 +102,7 @@ def test_generate_killed_part_way_is_completed_by_the_same_command(
     capsys: pytest.CaptureFixture[str],
     crash: str,
 ) -> None:
-    monkeypatch.setattr(generate_command, "load_model", lambda args: sd1_pipeline)
+    monkeypatch.setattr(command_options, "load_model", lambda args: sd1_pipeline)
     prompts = [argument for prompt in [*PROMPTS, "a toy plane"] for argument in ("--prompt", prompt)]
     command = ["generate", *prompts, "--size", "64x64", "--steps", "2", "--chunk-size", "2", "--seed", "7"]
     cli([*command, "--out", str(tmp_path / "whole")])

@@ -103,7 +103,7 @@ def test_reference_ends_on_the_encoded_image_and_ignores_the_targets(
 ) -> None:
     latents, spec = transfer_latents(sd, trajectory, SPEC)
     assert spec.image_prompts() == [CAPTION, *TARGETS] and spec.guidance == 10.0
-    assert spec.style == StyleAlignedOptions(shared_score_shift=math.log(2), share_group_norm=True)
+    assert spec.style == StyleAlignedOptions(shared_score_shift=math.log(2), share_group_norm=True).resolved("sd1")
     assert torch.equal(latents[0], encode_image(sd, reference_image, width=64, height=64)[0])
     other, _ = transfer_latents(sd, trajectory, replace(SPEC, prompts=["A woman playing saxophone", TARGETS[1]]))
     assert torch.equal(other[0], latents[0])  # the reference does not depend on the targets
