@@ -13,10 +13,11 @@ same weights, noise and text:
   AlignedGen's processor in the tests (`tests/helpers/aligned_gen.py`: concatenation and a dense float mask of
   shape (batch, 24, queries, keys)), the same loop.
 
-Times are of one whole denoising (after one warm-up step); memory is the peak the denoising adds to what is live
-before it (see `measure.py`). The final latents of style-aligned and the masked way are compared.
+Times are of one whole denoising (no warm-up: each call takes seconds to minutes on a CPU); memory is the peak the
+denoising adds to what is live before it (see `measure.py`). The final latents of style-aligned and the masked way
+are compared.
 
-    python scripts/bench_flux_set.py [--pixels 512] [--images 4] [--steps 2] [--double 2 --single 4]
+    python scripts/bench_flux_set.py [--pixels 512] [--images 4] [--steps 2] [--double 2 --single 4] [--text-tokens 512]
 """
 
 import argparse
@@ -106,9 +107,11 @@ def main() -> None:
     every_step = list(range(args.steps))
     with torch.no_grad():
         for name, denoise in variants.items():
-            denoise([0])  # warm-up: one step
-            finals[name] = denoise(every_step)
-            results[name] = measure(lambda denoise=denoise: denoise(every_step), device, repeat=1, warmup=0)
+
+            def run(denoise: Callable[[list[int]], Tensor] = denoise, name: str = name) -> None:
+                finals[name] = denoise(every_step)
+
+            results[name] = measure(run, device, repeat=1, warmup=0)  # one whole denoising, timed and kept
             print(
                 json.dumps(
                     {
