@@ -176,7 +176,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="load: where to write the model's files")
     parser.add_argument("--stage", choices=["save", "diffusers", "style-aligned"], help=argparse.SUPPRESS)
     parser.add_argument("path", nargs="?", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # the path of a stage comes after its options
     deep = args.what == "load" or args.stage == "save"
     args.double = args.double if args.double is not None else (2 if deep else 1)
     args.single = args.single if args.single is not None else (4 if deep else 1)
