@@ -15,7 +15,7 @@ from typing import Any, Literal, cast
 from style_aligned.pipeline.set_files import set_request
 from style_aligned.pipeline.spec import SetSpec
 from style_aligned.pipeline.spec_fields import convert, read_spec, spec_fields
-from style_aligned.pipeline.transfer import OFFSET, TransferSpec
+from style_aligned.pipeline.transfer import TransferSpec
 from style_aligned.weights.families import flux_kind
 
 Kind = Literal["generate", "transfer"]
@@ -208,8 +208,7 @@ def check(entry: SetEntry) -> None:
     """
     spec, kind = entry.spec, flux_kind(entry.model) or "sd1"  # SD1 and SDXL refuse the same options
     if entry.steps_from_trajectory() and isinstance(spec, TransferSpec):  # its steps are read when the set runs
-        offset = OFFSET[kind] if spec.offset is None else spec.offset
-        spec = replace(spec, steps=max(spec.steps or 1, offset + 1))
+        spec = replace(spec, steps=max(spec.steps or 1, spec.offset_for(kind) + 1))
     spec.resolved(kind)
     if entry.split > 1 and entry.num_targets < entry.split:
         raise ValueError(f"split {entry.split} needs at least {entry.split} targets, this set has {entry.num_targets}")

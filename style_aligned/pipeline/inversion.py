@@ -67,7 +67,7 @@ class DDIMInversion(Inversion):
             solver: The generation solver (its timesteps are walked in reverse).
         """
         super().__init__(solver)
-        self.ddim = solver
+        self._scales, self._stds = solver.cumulative_scale_factors, solver.noise_std
         timesteps = solver.timesteps[solver.first_inference_step :]
         self._ascending = [int(t) for t in timesteps.flip(0)]
         self._spacing = solver.params.num_train_timesteps // solver.num_inference_steps
@@ -80,7 +80,7 @@ class DDIMInversion(Inversion):
         """One inversion step: from the latent before step `index` to the noisier one after it."""
         timestep = self._ascending[index]
         current = max(timestep - self._spacing, 0)  # below the schedule: the level of timestep 0
-        scales, stds = self.ddim.cumulative_scale_factors, self.ddim.noise_std
+        scales, stds = self._scales, self._stds
         clean = (x - stds[current] * prediction) / scales[current]  # the clean latent estimated at this level
         return scales[timestep] * clean + stds[timestep] * prediction
 
@@ -259,8 +259,9 @@ def invert(
     height = height or latents.shape[-2] * 8
     inversion = inversion_of(solver)
     spec = SetSpec(prompts=[caption], width=width, height=height, guidance=guidance)
+    cfg = backbone.kind not in FLUX_KINDS  # U-Nets: classifier-free guidance at any scale, as the reference
     with backbone.stage("text"):
-        conditioning = backbone.conditioning(spec)([0], backbone.kind not in FLUX_KINDS)
+        conditioning = backbone.conditioning(spec)([0], cfg)
     x = latents
     trajectory = [x]
     with torch.no_grad(), backbone.stage("denoise"):
@@ -272,7 +273,7 @@ def invert(
                 solver=solver,
                 conditioning=conditioning,
                 guidance=guidance or 0.0,
-                classifier_free_guidance=backbone.kind not in FLUX_KINDS,
+                classifier_free_guidance=cfg,
             )
             x = inversion.step(x, prediction, index)
             trajectory.append(x)

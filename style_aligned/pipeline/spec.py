@@ -168,8 +168,7 @@ class SetSpec:
             solver=self.solver or DEFAULT_SOLVER[kind],
             style=self.style.resolved(kind),
         )
-        spec.check(kind)
-        return spec
+        return spec  # the defaults filled in pass `check`: it ran on what was given
 
     def refusals(self, kind: ModelKind) -> list[str]:
         """What in this spec the model kind does not take, one line each (empty if it takes everything).

@@ -59,6 +59,10 @@ class TransferSpec(SetSpec):
         """The number of images of the set: the references (the images' captions) and the targets."""
         return self.num_references() + len(self.prompts)
 
+    def offset_for(self, kind: ModelKind) -> int:
+        """The offset given, or the model kind's default (see `OFFSET`)."""
+        return OFFSET[kind] if self.offset is None else self.offset
+
     def resolved(self, model: "Model | ModelKind") -> "TransferSpec":
         kind = kind_of(model)
         if kind == "flux_schnell" and self.inversion_guidance is not None:
@@ -67,7 +71,7 @@ class TransferSpec(SetSpec):
             self,
             style=_without_unet_example(self.style) if kind in FLUX_KINDS else self.style,
             guidance=TRANSFER_GUIDANCE[kind] if self.guidance is None else self.guidance,
-            offset=OFFSET[kind] if self.offset is None else self.offset,
+            offset=self.offset_for(kind),
             inversion_guidance=INVERSION_GUIDANCE[kind] if self.inversion_guidance is None else self.inversion_guidance,
         )
         resolved = SetSpec.resolved(spec, model)
